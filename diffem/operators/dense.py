@@ -1,0 +1,51 @@
+r"""Explicit matrices: :math:`y_i = A_i x_i + e_i` with :math:`A_i \in \mathbb{R}^{M \times D}`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from diffem.operators.base import Operator, _as_float_tensor, check_finite
+
+__all__ = ["Dense"]
+
+
+class Dense(Operator):
+    r"""Dense matrices :math:`A_i`, shared ``(M, D)`` or one per sample ``(n, M, D)``.
+
+    The random projections of the paper's low-dimensional experiment are ``Dense`` operators
+    with one ``(2, 5)`` matrix per sample.
+
+    Parameters
+    ----------
+    matrix : array of shape ``(M, D)`` or ``(n, M, D)``
+    noise_std : float or array of shape ``(n,)`` or ``(n, M)``
+    """
+
+    _batched = ("weight",)
+
+    def __init__(self, matrix: Any, *, noise_std: Any = 0.0) -> None:
+        weight = _as_float_tensor(matrix, "matrix")
+        if weight.ndim == 2:
+            weight = weight.unsqueeze(0)
+        if weight.ndim != 3 or 0 in weight.shape:
+            raise ValueError(
+                f"matrix must have shape (M, D) or (n, M, D), got {tuple(weight.shape)}."
+            )
+        check_finite(weight, "matrix")
+        self.weight = weight
+        self._n, self._m, self._d = weight.shape
+        self._set_noise(noise_std)
+        self.noise_std = self.noise_std.to(weight.dtype)
+
+    def apply(self, x: Tensor) -> Tensor:
+        self._check_input(x, self._d, "x")
+        return (self.weight @ x.unsqueeze(-1)).squeeze(-1)
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        self._check_input(y, self._m, "y")
+        return (self.weight.mT @ y.unsqueeze(-1)).squeeze(-1)
+
+    def matrix(self) -> Tensor:
+        return self.weight

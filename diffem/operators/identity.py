@@ -1,0 +1,40 @@
+r"""Identity observations :math:`y_i = x_i + e_i` (denoising)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from diffem.operators.base import Operator, check_positive_int
+
+__all__ = ["Identity"]
+
+
+class Identity(Operator):
+    r""":math:`A_i = I_D`: the latents are observed directly, with noise.
+
+    Parameters
+    ----------
+    n_features : int
+        ``D``.
+    noise_std : float or array of shape ``(n,)`` or ``(n, D)``
+        Noise standard deviation; a vector makes a batch of ``n`` operators.
+    """
+
+    def __init__(self, n_features: int, *, noise_std: Any = 0.0) -> None:
+        self._d = self._m = check_positive_int(n_features, "n_features")
+        self._n = 1
+        self._set_noise(noise_std)
+
+    def apply(self, x: Tensor) -> Tensor:
+        self._check_input(x, self._d, "x")
+        return x
+
+    def adjoint(self, y: Tensor) -> Tensor:
+        self._check_input(y, self._m, "y")
+        return y
+
+    def matrix(self) -> Tensor:
+        return torch.eye(self._d, dtype=self.dtype, device=self.device).unsqueeze(0)
