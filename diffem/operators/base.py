@@ -21,7 +21,6 @@ real, and :meth:`Operator.prepare` maps user observations onto this convention.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Operator", "as_noise_std", "check_finite", "check_positive_int"]
+__all__ = [
+    "Operator",
+    "as_noise_std",
+    "check_finite",
+    "check_image_shape",
+    "check_positive_int",
+]
 
 Index = int | slice | Sequence[int] | np.ndarray | Tensor | tuple
 
@@ -49,6 +54,28 @@ def _as_float_tensor(value: Any, name: str, dtype: torch.dtype | None = None) ->
     if dtype is not None:
         tensor = tensor.to(dtype)
     return tensor
+
+
+def _as_bool_tensor(value: Any, name: str) -> Tensor:
+    """Converts ``value`` (booleans, or numbers equal to 0 or 1) to a ``bool`` tensor.
+
+    Raises ``TypeError`` naming ``name`` if ``value`` is not array-like, ``ValueError`` if it
+    holds NaN, inf or numbers other than 0 and 1.
+    """
+    try:
+        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
+    except (TypeError, ValueError, RuntimeError) as error:
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a boolean array, got {kind}.") from error
+    if tensor.dtype == torch.bool:
+        return tensor
+    if tensor.is_complex():
+        raise TypeError(f"{name} must be a boolean array, got dtype {tensor.dtype}.")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} must be boolean (or 0/1); it contains NaN or inf.")
+    if not ((tensor == 0) | (tensor == 1)).all():
+        raise ValueError(f"{name} must be boolean or contain only 0 and 1.")
+    return tensor.bool()
 
 
 def as_noise_std(noise_std: Any, n: int | None, m: int) -> Tensor:
@@ -85,47 +112,70 @@ def as_noise_std(noise_std: Any, n: int | None, m: int) -> Tensor:
     return std
 
 
+def _is_full_slice(item: Any) -> bool:
+    """Whether ``item`` selects a whole trailing axis: ``...`` or ``:``."""
+    return item is Ellipsis or (isinstance(item, slice) and item == slice(None))
+
+
 def _normalize_index(index: Index, n: int) -> Tensor:
-    """Turns any supported index into a 1-D ``int64`` tensor of positions in ``range(n)``."""
+    """Turns any supported index into a 1-D ``int64`` tensor of positions in ``range(n)``.
+
+    Accepts an int, a slice, a sequence / NumPy array / tensor of ints or of booleans (shape
+    ``(n,)``), and the tuple ``(index, ...)`` that scikit-learn's ``_safe_indexing`` passes.
+    An int selects a sub-batch of length 1.
+    """
     if isinstance(index, tuple):
         # scikit-learn's cross-validation indexes with ``(index_array, Ellipsis)``.
-        full = (Ellipsis, slice(None))
-        rest = [i for i in index[1:] if not any(i is f or i == f for f in full)]
-        if len(index) == 0 or rest:
-            raise IndexError(
-                f"operators can only be indexed along the sample axis, got {index!r}."
-            )
+        if len(index) == 0 or not all(_is_full_slice(item) for item in index[1:]):
+            raise IndexError(f"operators can only be indexed along the sample axis, got {index!r}.")
         index = index[0]
     positions = torch.arange(n)
+    if isinstance(index, (bool, np.bool_)):
+        raise IndexError("a scalar boolean is not a valid operator index; use a (n,) mask.")
     if isinstance(index, (int, np.integer)):
+        if not -n <= int(index) < n:
+            raise IndexError(f"index {int(index)} is out of range for an operator of {n} samples.")
         return positions[int(index)].reshape(1)
     if isinstance(index, slice):
         return positions[index]
     if isinstance(index, Tensor):
-        index = index.cpu()
+        index = index.detach().cpu()
     else:
-        index = torch.as_tensor(np.asarray(index))
+        try:
+            index = torch.as_tensor(np.asarray(index))
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise IndexError(f"unsupported operator index {index!r}.") from error
+    if index.ndim > 1:
+        raise IndexError(f"operator indices must be 1-D, got shape {tuple(index.shape)}.")
     if index.dtype == torch.bool:
         if index.shape != (n,):
             raise IndexError(f"boolean index must have shape ({n},), got {tuple(index.shape)}.")
         return positions[index]
-    if index.is_floating_point() and index.numel() > 0:
+    if index.numel() == 0:
+        return positions[:0]
+    if index.is_floating_point() or index.is_complex():
         raise IndexError(f"operator indices must be integers or booleans, got {index.dtype}.")
-    return positions[index.long().reshape(-1)]
+    index = index.long().reshape(-1)
+    if ((index < -n) | (index >= n)).any():
+        raise IndexError(f"indices {index.tolist()} are out of range for {n} samples.")
+    return positions[index]
 
 
 class Operator:
     r"""Base class of batched linear observation operators :math:`A_i` with Gaussian noise.
 
     Shapes: ``apply`` maps ``(n, D) -> (n, M)``, ``adjoint`` maps ``(n, M) -> (n, D)``, where
-    ``n = len(op)``. An operator of batch size 1 broadcasts against any batch.
+    ``n = len(op)``. An operator of batch size 1 broadcasts against any batch, and an input of
+    batch size 1 broadcasts against the operator's batch.
 
     Subclasses set ``self._n``, ``self._m``, ``self._d`` and ``self.noise_std`` (via
-    :meth:`_set_noise`), list their per-sample tensor attributes in ``_batched`` and implement
-    :meth:`apply` and :meth:`adjoint`.
+    :meth:`_set_noise`), list their per-sample tensor attributes in ``_batched`` (leading
+    dimension ``n`` or 1) and their other tensor attributes in ``_buffers`` (moved by :meth:`to`
+    and pickling, never indexed), and implement :meth:`apply` and :meth:`adjoint`.
     """
 
     _batched: tuple[str, ...] = ()
+    _buffers: tuple[str, ...] = ()
 
     _n: int
     _m: int
@@ -147,13 +197,28 @@ class Operator:
     def matrix(self) -> Tensor:
         r"""The dense matrices :math:`A_i`, shape ``(n | 1, M, D)``.
 
-        Built column by column from :meth:`apply`; subclasses with an explicit matrix override
-        it. Meant for exact computations at moderate ``D``.
+        Built from :meth:`apply` on the canonical basis (one call per sample, or one call per
+        column, whichever is fewer); subclasses with an explicit matrix override it. Meant for
+        exact computations at moderate ``D``. The batch is 1 when the map itself is shared,
+        even if the noise is per sample.
         """
-        n = 1 if self._all_shared() else self._n
         eye = torch.eye(self._d, dtype=self.dtype, device=self.device)
-        columns = [self.apply(eye[j].expand(n, -1)) for j in range(self._d)]
+        if self._all_shared(ignore_noise=True):
+            return self._single(0).apply(eye).mT.unsqueeze(0)
+        if self._n <= self._d:
+            return torch.stack([self._single(i).apply(eye).mT for i in range(self._n)])
+        columns = [self.apply(eye[j].expand(self._n, -1)) for j in range(self._d)]
         return torch.stack(columns, dim=-1)
+
+    def _single(self, i: int) -> Operator:
+        """Sample ``i`` as an operator of batch size 1 (which then broadcasts)."""
+        new = self.__copy__()
+        for name in self._tensors():
+            tensor = getattr(self, name)
+            if tensor.shape[0] != 1:
+                setattr(new, name, tensor[i : i + 1])
+        new._n = 1
+        return new
 
     # ------------------------------------------------------------------ noise model
     def _set_noise(self, noise_std: Any) -> None:
@@ -180,12 +245,20 @@ class Operator:
             return var
         return torch.where(observed, var, torch.ones_like(var))
 
-    def prepare(self, y: Tensor) -> Tensor:
+    def prepare(self, y: Any) -> Tensor:
         """Maps observations ``(n, M)`` onto the pinned convention: zeros where unobserved.
 
-        Raises ``ValueError`` if an observed entry is NaN or infinite.
+        ``y`` may be a tensor or an array (converted with :func:`torch.as_tensor`).
+        Raises ``ValueError`` if its shape is not ``(n | 1, M)`` or if an observed entry is NaN
+        or infinite.
         """
-        observed = self.observed.expand_as(y) if self.observed.ndim else self.observed
+        if not isinstance(y, Tensor):
+            y = _as_float_tensor(y, "Y")
+        if y.ndim != 2 or y.shape[-1] != self._m:
+            raise ValueError(f"Y must have shape (n, {self._m}), got {tuple(y.shape)}.")
+        if self._n != 1 and y.shape[0] not in (1, self._n):
+            raise ValueError(f"Y has {y.shape[0]} rows but the operator has {self._n} samples.")
+        observed = self.observed.to(y.device)
         bad = ~torch.isfinite(y) & observed
         if bad.any():
             rows = torch.nonzero(bad.any(dim=-1)).flatten()[:5].tolist()
@@ -234,10 +307,20 @@ class Operator:
         names = self._batched if ignore_noise else self._tensors()
         return all(getattr(self, name).shape[0] == 1 for name in names if hasattr(self, name))
 
+    def __copy__(self) -> Operator:
+        # A plain shallow copy: ``copy.copy`` would go through ``__getstate__`` and move every
+        # tensor to the CPU and back.
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __getitem__(self, index: Index) -> Operator:
-        """The sub-batch ``op[index]``: an int, slice, int array, boolean mask or ``(idx, ...)``."""
+        """The sub-batch ``op[index]``: an int, slice, int array, boolean mask or ``(idx, ...)``.
+
+        An int gives a sub-batch of length 1. Shared tensors (batch dimension 1) are kept.
+        """
         positions = _normalize_index(index, self._n)
-        new = copy.copy(self)
+        new = self.__copy__()
         for name in self._tensors():
             tensor = getattr(self, name)
             if tensor.shape[0] != 1:
@@ -246,12 +329,12 @@ class Operator:
         return new
 
     def expand(self, n: int) -> Operator:
-        """A length-``n`` batch of this operator, which must have batch size 1 (shared).
+        """A length-``n`` batch of this operator, whose parameters must all be shared.
 
         Shared tensors are kept once; only the reported length changes, so the result costs
         no memory and can be indexed by cross-validation splitters.
         """
-        if not isinstance(n, (int, np.integer)) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}.")
         if self._n == n:
             return self
@@ -260,15 +343,27 @@ class Operator:
                 f"only an operator of batch size 1 (shared parameters) can be expanded; this one "
                 f"has {self._n} samples and cannot be expanded to {n}."
             )
-        new = copy.copy(self)
+        new = self.__copy__()
         new._n = int(n)
         return new
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> Operator:
-        """A copy on ``device`` with floating tensors cast to ``dtype``."""
-        new = copy.copy(self)
-        for name in self._tensors():
+    def to(
+        self,
+        device: torch.device | str | torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Operator:
+        """A copy on ``device`` with floating tensors cast to ``dtype``.
+
+        Like :meth:`torch.Tensor.to`, ``op.to(torch.float64)`` casts without moving.
+        """
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("to() got two dtypes.")
+            device, dtype = None, device
+        if dtype is not None and not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}.")
+        new = self.__copy__()
+        for name in (*self._tensors(), *self._buffers):
             tensor = getattr(self, name)
             cast = dtype if (dtype is not None and tensor.is_floating_point()) else None
             setattr(new, name, tensor.to(device=device, dtype=cast))
@@ -278,7 +373,7 @@ class Operator:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_device"] = str(self.device)
-        for name in self._tensors():
+        for name in (*self._tensors(), *self._buffers):
             state[name] = state[name].cpu()
         return state
 
@@ -287,7 +382,7 @@ class Operator:
         if device.type == "cuda" and not torch.cuda.is_available():
             device = torch.device("cpu")
         self.__dict__.update(state)
-        for name in self._tensors():
+        for name in (*self._tensors(), *self._buffers):
             setattr(self, name, getattr(self, name).to(device))
 
     # ------------------------------------------------------------------ helpers
@@ -295,9 +390,7 @@ class Operator:
         if not isinstance(value, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}.")
         if value.ndim != 2 or value.shape[-1] != size:
-            raise ValueError(
-                f"{name} must have shape (n, {size}), got {tuple(value.shape)}."
-            )
+            raise ValueError(f"{name} must have shape (n, {size}), got {tuple(value.shape)}.")
         if self._n != 1 and value.shape[0] not in (1, self._n):
             raise ValueError(
                 f"{name} has {value.shape[0]} rows but the operator has {self._n} samples."
@@ -311,12 +404,34 @@ class Operator:
 
 
 def check_positive_int(value: Any, name: str) -> int:
+    """Returns ``value`` as an ``int``, or raises ``ValueError`` if it is not a positive integer."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     return int(value)
 
 
 def check_finite(tensor: Tensor, name: str) -> None:
+    """Raises ``ValueError`` naming ``name`` if ``tensor`` has a NaN or infinite entry."""
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{name} must be finite; it contains NaN or inf.")
 
+
+def check_image_shape(image_shape: Any, name: str = "image_shape") -> tuple[int, int, int]:
+    """Validates an image shape ``(C, H, W)`` of positive integers and returns it as a tuple.
+
+    Raises ``TypeError`` if it is not a sequence, ``ValueError`` if it does not hold three
+    positive integers.
+    """
+    if isinstance(image_shape, (str, bytes)) or not isinstance(
+        image_shape, (Sequence, np.ndarray, torch.Size)
+    ):
+        raise TypeError(
+            f"{name} must be a sequence (C, H, W) of positive integers, "
+            f"got {type(image_shape).__name__}."
+        )
+    values = tuple(image_shape)
+    if len(values) != 3 or not all(
+        not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1 for v in values
+    ):
+        raise ValueError(f"{name} must be (C, H, W) with positive integers, got {values!r}.")
+    return (int(values[0]), int(values[1]), int(values[2]))

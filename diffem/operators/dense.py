@@ -40,12 +40,15 @@ class Dense(Operator):
         self.noise_std = self.noise_std.to(weight.dtype)
 
     def apply(self, x: Tensor) -> Tensor:
+        r""":math:`A_i x_i`, shape ``(n, D) -> (n, M)``, computed in ``x``'s dtype."""
         self._check_input(x, self._d, "x")
-        return (self.weight @ x.unsqueeze(-1)).squeeze(-1)
+        return (self.weight.to(x.dtype) @ x.unsqueeze(-1)).squeeze(-1)
 
     def adjoint(self, y: Tensor) -> Tensor:
+        r""":math:`A_i^\top y_i`, shape ``(n, M) -> (n, D)``, computed in ``y``'s dtype."""
         self._check_input(y, self._m, "y")
-        return (self.weight.mT @ y.unsqueeze(-1)).squeeze(-1)
+        return (self.weight.to(y.dtype).mT @ y.unsqueeze(-1)).squeeze(-1)
 
     def matrix(self) -> Tensor:
+        """The stored matrices, shape ``(n | 1, M, D)``."""
         return self.weight

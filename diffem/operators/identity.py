@@ -29,12 +29,15 @@ class Identity(Operator):
         self._set_noise(noise_std)
 
     def apply(self, x: Tensor) -> Tensor:
+        """:math:`x_i`, shape ``(n, D) -> (n, D)``."""
         self._check_input(x, self._d, "x")
         return x
 
     def adjoint(self, y: Tensor) -> Tensor:
+        """:math:`y_i`, shape ``(n, D) -> (n, D)``."""
         self._check_input(y, self._m, "y")
         return y
 
     def matrix(self) -> Tensor:
+        """:math:`I_D`, shape ``(1, D, D)``."""
         return torch.eye(self._d, dtype=self.dtype, device=self.device).unsqueeze(0)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from diffem.operators.base import Operator
+from diffem.operators.base import Operator, _as_bool_tensor, _as_float_tensor
 
 __all__ = ["Mask"]
 
@@ -30,13 +29,7 @@ class Mask(Operator):
     _batched = ("mask",)
 
     def __init__(self, mask: Any, *, noise_std: Any = 0.0) -> None:
-        mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask)
-        if mask.dtype != torch.bool:
-            if mask.is_floating_point() and not torch.isfinite(mask).all():
-                raise ValueError("mask must be boolean (or 0/1); it contains NaN or inf.")
-            if not ((mask == 0) | (mask == 1)).all():
-                raise ValueError("mask must be boolean or contain only 0 and 1.")
-            mask = mask.bool()
+        mask = _as_bool_tensor(mask, "mask")
         if mask.ndim == 1:
             mask = mask.unsqueeze(0)
         if mask.ndim != 2 or mask.shape[-1] == 0:
@@ -50,7 +43,7 @@ class Mask(Operator):
     @classmethod
     def from_nan(cls, Y: Any, *, noise_std: Any = 0.0) -> Mask:
         """The mask of the finite entries of ``Y`` (shape ``(n, D)``): NaN marks a missing value."""
-        Y = torch.as_tensor(np.asarray(Y) if not isinstance(Y, Tensor) else Y)
+        Y = _as_float_tensor(Y, "Y")
         if Y.ndim != 2:
             raise ValueError(f"Y must have shape (n, D), got {tuple(Y.shape)}.")
         if torch.isinf(Y).any():
@@ -59,15 +52,20 @@ class Mask(Operator):
 
     @property
     def observed(self) -> Tensor:
+        """The mask, shape ``(n | 1, D)``."""
         return self.mask
 
     def apply(self, x: Tensor) -> Tensor:
+        r""":math:`m_i \odot x_i`, shape ``(n, D) -> (n, D)``."""
         self._check_input(x, self._d, "x")
-        return x * self.mask
+        return torch.where(self.mask, x, 0.0)
 
     def adjoint(self, y: Tensor) -> Tensor:
+        r""":math:`m_i \odot y_i` (the map is self-adjoint), shape ``(n, D) -> (n, D)``."""
         self._check_input(y, self._m, "y")
-        return y * self.mask
+        # ``where`` rather than a product, so that NaN in hidden entries does not propagate.
+        return torch.where(self.mask, y, 0.0)
 
     def matrix(self) -> Tensor:
+        r""":math:`\operatorname{diag}(m_i)`, shape ``(n | 1, D, D)``."""
         return torch.diag_embed(self.mask.to(self.dtype))
