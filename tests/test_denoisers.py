@@ -1,0 +1,469 @@
+"""Tests of the learned denoisers (diffem.denoisers)."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+import torch
+from sklearn.base import BaseEstimator, clone
+from skorch.callbacks import Callback, Checkpoint, EarlyStopping, ProgressBar
+
+from diffem.denoisers import (
+    MLP,
+    Denoiser,
+    DivergenceError,
+    MLPDenoiser,
+    UNet,
+    UNetDenoiser,
+)
+
+SMALL = {"module__hidden_features": 32, "module__n_blocks": 1, "module__emb_features": 16}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # small networks on a shared CPU run much faster without intra-op threading
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _gaussian(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.tensor([1.5, -1.0])
+    s = torch.tensor([0.5, 2.0])
+    return mu + s * torch.randn(n, 2, generator=g), mu, s
+
+
+def _params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+@pytest.fixture(scope="module")
+def fitted() -> MLPDenoiser:
+    X, _, _ = _gaussian(512)
+    return MLPDenoiser(max_epochs=2, batch_size=128, random_state=0, **SMALL).fit(X)
+
+
+# ---------------------------------------------------------------- protocol, shapes
+
+
+def test_protocol_shapes_and_dtypes(fitted: MLPDenoiser) -> None:
+    x = torch.randn(5, 2)
+    for sigma in (0.5, torch.tensor(0.5), torch.tensor([0.5]), torch.full((5,), 0.5)):
+        out = fitted(x, sigma)
+        assert out.shape == (5, 2) and out.dtype == torch.float32
+    assert torch.allclose(fitted(x, 0.5), fitted(x, torch.full((5,), 0.5)))
+    out64 = fitted(x.double(), torch.linspace(0.1, 10, 5, dtype=torch.float64))
+    assert out64.dtype == torch.float64 and torch.isfinite(out64).all()
+    # sigma = 0 returns x_t exactly
+    assert torch.equal(fitted(x, 0.0), x)
+    assert fitted.n_features_in_ == 2
+    assert (fitted.sigma_min, fitted.sigma_max, fitted.sigma_data) == (1e-3, 1e2, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        fitted(torch.randn(5, 3), 0.5)
+    with pytest.raises(ValueError, match="sigma"):
+        fitted(x, torch.ones(4))
+    pred = fitted.predict(x.numpy(), 0.5)
+    assert isinstance(pred, np.ndarray) and pred.dtype == np.float32
+    np.testing.assert_allclose(pred, fitted(x, 0.5).detach().numpy(), rtol=1e-6)
+
+
+def test_vjp_through_denoiser(fitted: MLPDenoiser) -> None:
+    x = torch.randn(4, 2, requires_grad=True)
+    sigma = torch.full((4,), 0.7)
+    out = fitted(x, sigma)
+    v = torch.randn(4, 2)
+    (vjp,) = torch.autograd.grad(out, x, v)
+    assert vjp.shape == (4, 2) and torch.isfinite(vjp).all()
+    # against finite differences of <v, D(x)>
+    eps = 1e-3
+    e = torch.zeros(4, 2)
+    e[:, 0] = eps
+    with torch.no_grad():
+        fd = ((fitted(x + e, sigma) - fitted(x - e, sigma)) * v).sum(1) / (2 * eps)
+    torch.testing.assert_close(vjp[:, 0], fd, atol=2e-2, rtol=2e-2)
+
+
+def test_untrained_backbone_gives_gaussian_denoiser() -> None:
+    # zero-initialised output: D(x_t, sigma) = c_skip x_t, exact for N(0, sigma_data^2 I)
+    net = MLPDenoiser(sigma_data=0.5, **SMALL).initialize_for(3)
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(net(x, 2.0), x * 0.25 / (4.0 + 0.25))
+
+
+def test_unet_shapes() -> None:
+    x8 = torch.randn(64, 64)
+    net = UNetDenoiser(
+        image_shape=(1, 8, 8), max_epochs=1, batch_size=32, module__channels=(8, 16), random_state=0
+    ).fit(x8)
+    assert net(x8[:3], torch.tensor([0.1, 1.0, 10.0])).shape == (3, 64)
+    assert net.n_features_in_ == 64
+    # 32x32 RGB and odd sizes, three levels, attention
+    for shape, chans, attn in [
+        ((3, 32, 32), (8, 16), False),
+        ((1, 28, 28), (8, 8, 16), True),
+        ((2, 9, 13), (8, 16), True),
+    ]:
+        d = int(np.prod(shape))
+        m = UNet(d, shape, channels=chans, attention=attn)
+        out = m(torch.randn(2, d), torch.zeros(2))
+        assert out.shape == (2, d)
+    with pytest.raises(ValueError, match="too small"):
+        UNet(16, (1, 4, 4), channels=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match="C\\*H\\*W"):
+        UNet(10, (1, 4, 4))
+    with pytest.raises(ValueError, match=r"\(n_samples, 64\)"):
+        UNetDenoiser(image_shape=(1, 8, 8)).fit(torch.randn(4, 63))
+
+
+def test_input_validation() -> None:
+    with pytest.raises(ValueError, match="2-D"):
+        MLPDenoiser(**SMALL).fit(np.zeros((3, 2, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        MLPDenoiser(**SMALL).fit(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        MLPDenoiser(lr_schedule="linear", **SMALL).fit(np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="infers the input size"):
+        MLPDenoiser(**SMALL).initialize()
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_learns_gaussian_tweedie_mean() -> None:
+    X, mu, s = _gaussian(2048)
+    net = MLPDenoiser(
+        max_epochs=24,
+        batch_size=128,
+        lr=3e-3,
+        random_state=1,
+        module__hidden_features=64,
+        module__n_blocks=2,
+        module__emb_features=32,
+    )
+    untrained = clone(net).initialize_for(2)
+    net.fit(X)
+    # the denoising loss (fixed noise) drops well below the untrained net's
+    loss0 = untrained.loss(X, generator=torch.Generator().manual_seed(0))
+    loss1 = net.loss(X, generator=torch.Generator().manual_seed(0))
+    assert loss1 < 0.75 * loss0, (loss0, loss1)
+
+    g = torch.Generator().manual_seed(5)
+    x0, _, _ = _gaussian(1000, seed=9)
+    # (sigma, max relative error, max ratio to the untrained net's error)
+    for sigma, tol, ratio in [
+        (0.3, 0.05, 0.5),
+        (1.0, 0.15, 0.25),
+        (3.0, 0.2, 0.25),
+        (10.0, 0.15, 0.25),
+    ]:
+        x_t = x0 + sigma * torch.randn(x0.shape, generator=g)
+        exact = mu + s**2 / (s**2 + sigma**2) * (x_t - mu)
+        with torch.no_grad():
+            err = (net(x_t, sigma) - exact).norm() / exact.norm()
+            err0 = (untrained(x_t, sigma) - exact).norm() / exact.norm()
+        assert err < tol, (sigma, float(err))
+        assert err < ratio * err0, (sigma, float(err), float(err0))
+
+
+def test_loss_helper_is_deterministic(fitted: MLPDenoiser) -> None:
+    X, _, _ = _gaussian(300, seed=3)
+    a = fitted.loss(X, generator=torch.Generator().manual_seed(0))
+    b = fitted.loss(X, generator=torch.Generator().manual_seed(0))
+    c = fitted.loss(X, generator=torch.Generator().manual_seed(1))
+    assert a == b and a != c and np.isfinite(a)
+    assert np.isfinite(fitted.loss(X, sigma=0.5))
+    assert np.isfinite(fitted.loss(X, sigma=np.ones(300)))
+
+
+def test_reproducible_with_random_state() -> None:
+    X, _, _ = _gaussian(256)
+    a = MLPDenoiser(max_epochs=2, batch_size=64, random_state=3, **SMALL).fit(X)
+    b = MLPDenoiser(max_epochs=2, batch_size=64, random_state=3, **SMALL).fit(X)
+    c = MLPDenoiser(max_epochs=2, batch_size=64, random_state=4, **SMALL).fit(X)
+    assert torch.equal(_params(a.module_), _params(b.module_))
+    assert not torch.equal(_params(a.module_), _params(c.module_))
+
+
+# ---------------------------------------------------------------- warm start, EMA, clipping
+
+
+def test_partial_fit_warm_starts() -> None:
+    X, _, _ = _gaussian(512)
+    kw = {"max_epochs": 4, "batch_size": 64, "lr": 3e-3, "random_state": 0, **SMALL}
+    net = MLPDenoiser(**kw)
+    untrained = clone(net).initialize_for(2)
+
+    def fixed_loss(n: MLPDenoiser) -> float:
+        return n.loss(X, generator=torch.Generator().manual_seed(0))
+
+    net.fit(X)
+    loss_fit = fixed_loss(net)
+    w1 = _params(net.module_).clone()
+    net.partial_fit(X)
+    assert len(net.history) == 8
+    # continues from the trained weights (a re-initialised net would be back at loss0)
+    assert fixed_loss(net) < loss_fit < 0.85 * fixed_loss(untrained)
+    assert net.optimizer_.state[next(iter(net.module_.parameters()))]["step"] == 8 * 8
+    assert not torch.equal(_params(net.module_), w1)
+    fresh = MLPDenoiser(**kw).fit(X)
+    assert torch.equal(_params(fresh.module_), w1)  # same seed: reproduces the first fit
+    assert not torch.equal(_params(fresh.module_), _params(net.module_))
+    # the cosine schedule restarts per call and the base lr is restored afterwards
+    assert net.history[-1, "lr"] < 0.2 * net.lr
+    assert net.optimizer_.param_groups[0]["lr"] == net.lr
+    # warm_start=True makes fit continue too
+    net.set_params(warm_start=True)
+    net.fit(X)
+    assert len(net.history) == 12
+
+
+def test_ema_weights_are_used_and_pickled() -> None:
+    X, _, _ = _gaussian(512)
+    net = MLPDenoiser(max_epochs=3, batch_size=64, ema_decay=0.9, random_state=0, **SMALL)
+    net.fit(X)
+    assert not torch.equal(_params(net.ema_module_), _params(net.module_))
+    x = torch.randn(7, 2)
+    sigma = torch.full((7,), 0.5)
+    with torch.no_grad():
+        raw = net._denoise(net.module_, x, sigma)
+        ema = net._denoise(net.ema_module_, x, sigma)
+        out = net(x, sigma)
+    assert torch.equal(out, ema) and not torch.allclose(out, raw)
+    assert all(not p.requires_grad for p in net.ema_module_.parameters())
+    # the optimizer only trains module_
+    opt_params = {id(p) for g in net.optimizer_.param_groups for p in g["params"]}
+    assert opt_params == {id(p) for p in net.module_.parameters()}
+    loaded = pickle.loads(pickle.dumps(net))
+    assert torch.equal(loaded(x, sigma), out)
+    # disabling EMA falls back to the raw weights
+    net.set_params(ema_decay=None)
+    assert torch.equal(net(x, sigma), raw)
+    # switching it on for a fitted net starts the average from the current weights
+    plain = MLPDenoiser(max_epochs=1, batch_size=64, random_state=0, **SMALL).fit(X)
+    assert getattr(plain, "ema_module_", None) is None
+    plain.set_params(ema_decay=0.5).partial_fit(X)
+    assert plain.ema_steps_ == 8
+    assert not torch.equal(_params(plain.ema_module_), _params(plain.module_))
+
+
+def test_gradient_clipping_bounds_the_step() -> None:
+    X, _, _ = _gaussian(256)
+    clip = 1e-3
+    net = MLPDenoiser(
+        max_epochs=1,
+        batch_size=256,
+        optimizer=torch.optim.SGD,
+        lr=1.0,
+        lr_schedule="constant",
+        clip_grad_norm=clip,
+        random_state=0,
+        **SMALL,
+    )
+    net.initialize_for(2)
+    before = _params(net.module_).clone()
+    net.set_params(warm_start=True).fit(X)
+    step = (_params(net.module_) - before).norm()
+    assert net.history[-1, "batches", 0, "grad_norm"] > 10 * clip
+    assert step <= clip * (1 + 1e-4)
+    assert step >= clip * 0.99
+
+
+# ---------------------------------------------------------------- callbacks, divergence
+
+
+def test_skorch_callbacks(tmp_path) -> None:
+    X, _, _ = _gaussian(256)
+    net = MLPDenoiser(
+        max_epochs=30,
+        batch_size=128,
+        random_state=0,
+        callbacks=[
+            ProgressBar(),
+            EarlyStopping(monitor="train_loss", patience=2, threshold=10.0),
+            Checkpoint(monitor="train_loss_best", dirname=str(tmp_path)),
+        ],
+        **SMALL,
+    )
+    net.fit(X)
+    assert len(net.history) == 3  # stopped early
+    assert (tmp_path / "params.pt").exists()
+    assert net.optimizer_.param_groups[0]["lr"] == net.lr
+
+
+class _InjectInf(Callback):
+    """Sets a weight to inf at the first batch of epoch ``epoch`` and records the state
+    at the end of the previous epoch."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, net, **kwargs) -> None:
+        if len(net.history) == self.epoch - 1:
+            self.good_ = _params(net.module_).clone()
+
+    def on_batch_begin(self, net, batch=None, training=None, **kwargs) -> None:
+        if len(net.history) == self.epoch and training:
+            with torch.no_grad():
+                next(iter(net.module_.parameters())).view(-1)[0] = float("inf")
+
+
+def test_divergence_restores_last_good_weights() -> None:
+    X, _, _ = _gaussian(256)
+    hook = _InjectInf(epoch=3)
+    net = MLPDenoiser(max_epochs=5, batch_size=64, random_state=0, callbacks=[hook], **SMALL)
+    with pytest.raises(DivergenceError, match="diverged at epoch 3"):
+        net.fit(X)
+    assert torch.equal(_params(net.module_), hook.good_)
+    assert len(net.history) == 2  # the failed epoch is dropped
+    assert torch.isfinite(net(torch.randn(3, 2), 1.0)).all()
+    assert issubclass(DivergenceError, FloatingPointError)
+    assert issubclass(DivergenceError, RuntimeError)
+
+
+def test_huge_learning_rate_diverges_cleanly() -> None:
+    X, _, _ = _gaussian(256)
+    net = MLPDenoiser(
+        max_epochs=5,
+        batch_size=64,
+        optimizer=torch.optim.SGD,
+        lr=1e12,
+        clip_grad_norm=None,
+        lr_schedule="constant",
+        random_state=0,
+        **SMALL,
+    )
+    with pytest.raises(DivergenceError):
+        net.fit(X)
+    assert torch.isfinite(_params(net.module_)).all()
+
+
+# ---------------------------------------------------------------- sklearn, pickle, devices
+
+
+class _Holder(BaseEstimator):
+    def __init__(self, denoiser=None) -> None:
+        self.denoiser = denoiser
+
+
+def test_clone_get_params_and_nested_set_params(fitted: MLPDenoiser) -> None:
+    params = MLPDenoiser().get_params()
+    for key in (
+        "lr",
+        "max_epochs",
+        "batch_size",
+        "sigma_min",
+        "sigma_max",
+        "sigma_data",
+        "ema_decay",
+        "clip_grad_norm",
+        "lr_schedule",
+        "random_state",
+        "device",
+        "module__hidden_features",
+        "module__n_blocks",
+        "module__emb_features",
+    ):
+        assert key in params, key
+    assert params["module"] is MLP and params["module__hidden_features"] == 256
+    assert UNetDenoiser(image_shape=(3, 8, 8)).get_params()["module__channels"] == (32, 64)
+
+    c = clone(fitted)
+    assert not c.initialized_ and c.get_params()["module__hidden_features"] == 32
+    holder = _Holder(MLPDenoiser(max_epochs=1, **SMALL))
+    holder = clone(holder).set_params(
+        denoiser__lr=5e-4, denoiser__module__hidden_features=8, denoiser__max_epochs=2
+    )
+    holder.denoiser.fit(torch.randn(64, 2))
+    assert holder.denoiser.module_.input.out_features == 8
+    assert len(holder.denoiser.history) == 2
+    assert holder.denoiser.optimizer_.param_groups[0]["lr"] == 5e-4
+    assert isinstance(holder.denoiser, Denoiser)
+
+
+def test_pickle_and_joblib_round_trip(fitted: MLPDenoiser) -> None:
+    x = torch.randn(9, 2)
+    sigma = torch.logspace(-2, 1, 9)
+    expected = fitted(x, sigma)
+    for loaded in (pickle.loads(pickle.dumps(fitted)), _joblib_round_trip(fitted)):
+        assert torch.equal(loaded(x, sigma), expected)
+        loaded.partial_fit(torch.randn(64, 2))  # still trainable
+
+
+def _joblib_round_trip(obj):
+    buf = io.BytesIO()
+    joblib.dump(obj, buf)
+    buf.seek(0)
+    return joblib.load(buf)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading without CUDA")
+def test_net_saved_for_cuda_loads_on_cpu(fitted: MLPDenoiser) -> None:
+    net = pickle.loads(pickle.dumps(fitted))
+    x = torch.randn(4, 2)
+    expected = net(x, 0.3)
+    net.device = "cuda"  # as if it had been trained on a GPU
+    blob = pickle.dumps(net)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = pickle.loads(blob)
+    assert any("not available" in str(w.message) for w in caught)
+    assert loaded.device == "cpu"
+    assert torch.equal(loaded(x, 0.3), expected)
+    loaded.partial_fit(torch.randn(32, 2))
+    # moving a fitted net keeps its weights
+    moved = loaded.to("cpu")
+    assert moved is loaded and moved.device == "cpu"
+    assert next(moved.module_.parameters()).device.type == "cpu"
+
+
+def test_validation_split_records_valid_loss() -> None:
+    from skorch.dataset import ValidSplit
+
+    X, _, _ = _gaussian(256)
+    net = MLPDenoiser(
+        max_epochs=2, batch_size=64, train_split=ValidSplit(4), random_state=0, **SMALL
+    ).fit(X)
+    assert np.isfinite(net.history[-1, "valid_loss"])
+
+
+@pytest.mark.slow
+def test_unet_learns_correlated_gaussian_images() -> None:
+    # x = mu + L z on 8x8 images with a smooth covariance: the Tweedie mean is
+    # mu + Sigma (Sigma + sigma^2 I)^{-1} (x_t - mu)
+    g = torch.Generator().manual_seed(0)
+    side = 8
+    coords = torch.stack(
+        torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1
+    ).reshape(-1, 2)
+    dist2 = (coords[:, None, :] - coords[None, :, :]).float().square().sum(-1)
+    cov = torch.exp(-dist2 / 8.0) + 1e-4 * torch.eye(side * side)
+    chol = torch.linalg.cholesky(cov)
+    mu = 0.5 * torch.sin(coords[:, 0].float())
+    X = mu + torch.randn(2048, side * side, generator=g) @ chol.T
+    net = UNetDenoiser(
+        image_shape=(1, side, side),
+        max_epochs=20,
+        batch_size=64,
+        lr=2e-3,
+        module__channels=(16, 32),
+        random_state=0,
+    )
+    untrained = clone(net).initialize_for(side * side)
+    net.fit(X)
+    x0 = mu + torch.randn(500, side * side, generator=g) @ chol.T
+    for sigma in (0.5, 2.0):
+        x_t = x0 + sigma * torch.randn(x0.shape, generator=g)
+        gain = cov @ torch.linalg.inv(cov + sigma**2 * torch.eye(side * side))
+        exact = mu + (x_t - mu) @ gain.T
+        with torch.no_grad():
+            err = (net(x_t, sigma) - exact).norm() / exact.norm()
+            err0 = (untrained(x_t, sigma) - exact).norm() / exact.norm()
+        assert err < 0.5 * err0, (sigma, float(err), float(err0))
