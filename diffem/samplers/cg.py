@@ -1,0 +1,159 @@
+r"""Batched conjugate gradient with per-element safeguards.
+
+Solves a batch of linear systems :math:`M_i u_i = b_i`, :math:`i = 1..B`, given only the
+products :math:`p_i \mapsto M_i p_i` (Hestenes & Stiefel, 1952). Each batch element runs its own
+iteration; the elements only share the loop.
+
+Algorithm (per element, starting from :math:`u_0 = 0`, :math:`r_0 = p_0 = b`):
+
+.. math::
+    \kappa_k = p_k^\top M p_k, \quad
+    \alpha_k = \frac{r_k^\top r_k}{\kappa_k}, \quad
+    u_{k+1} = u_k + \alpha_k p_k, \quad
+    r_{k+1} = r_k - \alpha_k M p_k, \quad
+    p_{k+1} = r_{k+1} + \frac{r_{k+1}^\top r_{k+1}}{r_k^\top r_k} p_k .
+
+On a symmetric positive definite :math:`M` of size :math:`m` it converges in at most :math:`m`
+iterations. MMPS (Rozet et al., 2024) applies it to
+:math:`M = \Sigma_y + A \mathbb{V}[x \mid x_t] A^\top`, where the covariance
+:math:`\mathbb{V} = \sigma^2 J` comes from the Jacobian :math:`J` of a *learned* denoiser. At high
+noise such a Jacobian is neither symmetric nor positive definite, and the textbook iteration
+then divides by a curvature :math:`\kappa_k \approx 0` (or negative), producing huge or
+non-finite iterates; a single ``0 / 0`` (an element that converged exactly, :math:`r^\top r = 0`)
+turns into ``NaN``.
+
+Safeguard. Every element carries an *active* flag and every division is guarded:
+
+1. **Curvature safeguard.** An optional ``safeguard(p, kappa) -> (kappa_used, flagged)``
+   inspects each curvature :math:`\kappa_k = p_k^\top M p_k` and may replace implausible ones.
+   MMPS checks that the Rayleigh quotient of :math:`\mathbb{V}` along :math:`w = A^\top p`,
+   :math:`\rho = w^\top \mathbb{V} w / \lVert w \rVert^2`, lies in :math:`[v_{\min},
+   v_{\max}]`; otherwise it steps with :math:`p^\top \Sigma_y p + \tilde\rho \lVert w
+   \rVert^2`, where :math:`\tilde\rho` is a plausible positive value. A flagged element takes
+   that one step and then stops, since conjugacy is lost (as in truncated CG, Steihaug 1983).
+   Without a safeguard, an element with :math:`\kappa_k \le 0` (or a non-finite product) stops
+   *before* stepping.
+2. **Convergence.** An element stops once :math:`\lVert r_k \rVert \le \text{rtol}\,
+   \lVert b \rVert`; its search direction is zeroed, so later products cost nothing numerically
+   and cannot create ``NaN``.
+3. **Guarded divisions.** :math:`\alpha` and :math:`\beta` are computed with ``torch.where`` on
+   safe denominators, so ``0 / 0`` never occurs; a step that would make an iterate non-finite
+   (overflow) is rejected and the element stops.
+
+All reductions are per element (over the last dimension), so a non-finite product in one element
+never reaches another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["CGResult", "conjugate_gradient"]
+
+
+class CGResult(NamedTuple):
+    """Output of :func:`conjugate_gradient`; all tensors have a leading batch dimension ``B``."""
+
+    solution: Tensor
+    """``(B, m)`` approximate solutions :math:`u`."""
+    residual: Tensor
+    """``(B,)`` relative residuals ``||b - M u|| / ||b||`` (0 where ``b = 0``)."""
+    iterations: Tensor
+    """``(B,)`` number of steps taken by each element."""
+    safeguarded: Tensor
+    """``(B,)`` bool: whether a curvature safeguard stopped the element."""
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    return (a * b).sum(dim=-1)
+
+
+def conjugate_gradient(
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    max_iter: int,
+    rtol: float = 1e-6,
+    safeguard: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+) -> CGResult:
+    r"""Solves the batch :math:`M_i u_i = b_i` with at most ``max_iter`` safeguarded CG steps.
+
+    Parameters
+    ----------
+    matvec : callable
+        ``p -> M p`` on ``(B, m)`` tensors, row by row.
+    b : Tensor, shape ``(B, m)``
+        Right-hand sides.
+    max_iter : int
+        Maximum number of iterations (products with :math:`M`).
+    rtol : float
+        An element stops when its residual norm is at most ``rtol * ||b||``.
+    safeguard : callable, optional
+        ``(p, kappa) -> (kappa_used, flagged)``: given the search directions ``(B, m)`` and
+        their curvatures :math:`\kappa = p^\top M p` ``(B,)`` (NaN where the product was not
+        finite), the curvatures to step with and a ``(B,)`` bool telling which were replaced;
+        see the module docstring.
+
+    Returns
+    -------
+    CGResult
+        ``solution (B, m)``, ``residual (B,)``, ``iterations (B,)``, ``safeguarded (B,)``.
+    """
+    if b.ndim != 2:
+        raise ValueError(f"b must have shape (B, m), got {tuple(b.shape)}.")
+    finite_b = torch.isfinite(b).all(dim=-1, keepdim=True)
+    b = torch.where(finite_b, b, torch.zeros_like(b))
+    u = torch.zeros_like(b)
+    r = b.clone()
+    p = b.clone()
+    rr = _dot(r, r)
+    tol2 = (rtol**2) * rr
+    active = rr > tol2
+    if not (rtol > 0):
+        active = rr > 0
+    iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
+    safeguarded = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
+    tiny = torch.finfo(b.dtype).tiny
+
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        mp = matvec(p)
+        mp_finite = torch.isfinite(mp).all(dim=-1)
+        mp = torch.where(mp_finite.unsqueeze(-1), mp, torch.zeros_like(mp))
+        curvature = _dot(p, mp)
+        if safeguard is not None:
+            used, flagged = safeguard(p, torch.where(mp_finite, curvature, torch.nan))
+            curvature = torch.nan_to_num(used, nan=0.0, posinf=0.0)
+            flagged = flagged | ~mp_finite
+        else:
+            flagged = ~mp_finite | ~(curvature > 0)
+        ok = active & (curvature > tiny)
+        if safeguard is None:
+            ok = ok & ~flagged
+        alpha = torch.where(ok, rr / torch.where(ok, curvature, torch.ones_like(curvature)), 0.0)
+        u_new = u + alpha.unsqueeze(-1) * p
+        # The residual follows the true operator; for a non-finite product it is kept as is.
+        r_new = torch.where(mp_finite.unsqueeze(-1), r - alpha.unsqueeze(-1) * mp, r)
+        valid = torch.isfinite(u_new).all(dim=-1) & torch.isfinite(r_new).all(dim=-1)
+        ok = ok & valid
+        u = torch.where(ok.unsqueeze(-1), u_new, u)
+        r = torch.where(ok.unsqueeze(-1), r_new, r)
+        rr_new = torch.where(ok, _dot(r, r), rr)
+        iterations = iterations + ok.long()
+        safeguarded = safeguarded | (active & (flagged | ~valid))
+        converged = rr_new <= tol2 if rtol > 0 else rr_new <= 0
+        keep = ok & ~flagged & ~converged
+        beta = torch.where(keep, rr_new / torch.where(keep, rr, torch.ones_like(rr)), 0.0)
+        p = torch.where(keep.unsqueeze(-1), r + beta.unsqueeze(-1) * p, torch.zeros_like(p))
+        rr = rr_new
+        active = keep
+
+    norm_b = torch.sqrt(_dot(b, b))
+    norm_r = torch.sqrt(_dot(r, r))
+    residual = torch.where(norm_b > 0, norm_r / torch.where(norm_b > 0, norm_b, 1.0), 0.0)
+    return CGResult(u, residual, iterations, safeguarded)

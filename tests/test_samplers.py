@@ -1,0 +1,439 @@
+"""Tests of diffem.samplers against exact Gaussian and Gaussian-mixture posteriors."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.base import clone
+from torch import Tensor
+
+from diffem.operators import Dense, Mask, Operator
+from diffem.priors import GaussianMixturePrior, GaussianPrior
+from diffem.samplers import (
+    DPS,
+    MMPS,
+    TMPD,
+    PiGDM,
+    Unconditional,
+    conjugate_gradient,
+)
+
+D = 16
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _single_thread() -> Iterator[None]:
+    # Tiny matrices: thread start-up dominates, and the machine is shared.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ---------------------------------------------------------------------------- problems
+def _gaussian_prior(seed: int = 0) -> GaussianPrior:
+    g = torch.Generator().manual_seed(seed)
+    L = torch.randn(D, D, generator=g, dtype=F64) / math.sqrt(D)
+    cov = L @ L.T + 0.1 * torch.eye(D, dtype=F64)  # eigenvalues in [0.1, 3.1]
+    mean = torch.randn(D, generator=g, dtype=F64)
+    return GaussianPrior(mean, cov)
+
+
+def _problem(prior: GaussianPrior, kind: str, n: int, seed: int = 1) -> tuple[Tensor, Operator]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.as_tensor(prior.sample(n, generator=seed), dtype=F64)
+    if kind == "mask":
+        op: Operator = Mask(torch.rand(n, D, generator=g) < 0.5, noise_std=0.1)
+    else:
+        A = torch.randn(n, 8, D, generator=g, dtype=F64) / math.sqrt(D)
+        op = Dense(A, noise_std=0.1)
+    op = op.to(dtype=F64)
+    Y = op.apply(x) + 0.1 * torch.randn(n, op.n_measurements, generator=g, dtype=F64)
+    if kind == "mask":
+        Y = torch.where(op.observed, Y, torch.nan)  # pinned entries may be NaN
+    return Y, op
+
+
+def _exact_posterior(prior: GaussianPrior, Y: Tensor, op: Operator) -> tuple[Tensor, Tensor]:
+    """Kalman form: mean ``(n, D)`` and covariance ``(n, D, D)`` of p(x | y_i)."""
+    n = Y.shape[0]
+    mean = prior.mean.to(F64)
+    C = prior.cov_matrix.to(F64)
+    A = op.matrix().expand(n, -1, -1)
+    S = op.noise_var.expand(n, op.n_measurements)
+    AC = A @ C
+    K = torch.linalg.solve(AC @ A.mT + torch.diag_embed(S), AC).mT
+    Yp = op.prepare(Y)
+    m = mean + (K @ (Yp - A @ mean).unsqueeze(-1)).squeeze(-1)
+    return m, C - K @ AC
+
+
+def _whiten(x: Tensor, m: Tensor, P: Tensor) -> Tensor:
+    L = torch.linalg.cholesky(P)
+    return torch.linalg.solve_triangular(L, (x - m).unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def _moment_errors(z: Tensor) -> tuple[float, float]:
+    """Max |z-score| of the mean and ``||S - I||_F`` of whitened samples ``z`` ``(n, D)``."""
+    n = z.shape[0]
+    zscore = z.mean(0).abs().max().item() * math.sqrt(n)
+    S = z.T @ z / n
+    return zscore, torch.linalg.norm(S - torch.eye(z.shape[1], dtype=z.dtype)).item()
+
+
+def _frobenius_bound(n: int, d: int, reps: int = 300) -> float:
+    """Bound on ``||S - I||_F`` for a sampler whose covariance bias adds at most half the
+    sampling-noise level in quadrature: sqrt(1.25) times the 99.9% quantile of the statistic over
+    exact N(0, I) samples of the same size."""
+    g = torch.Generator().manual_seed(1234)
+    z = torch.randn(reps, n, d, generator=g, dtype=F64)
+    S = z.mT @ z / n
+    stats = torch.linalg.matrix_norm(S - torch.eye(d, dtype=F64))
+    return math.sqrt(1.25) * torch.quantile(stats, 0.999).item()
+
+
+Z_BOUND = 4.5  # Bonferroni over D = 16 coordinates: P(max |z| > 4.5) ~ 1e-4
+
+
+# ---------------------------------------------------------------------------- conjugate gradient
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_cg_matches_solve_on_spd(m: int, batch: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(batch, m, m, generator=g, dtype=F64)
+    M = B @ B.mT + 0.5 * torch.eye(m, dtype=F64)
+    b = torch.randn(batch, m, generator=g, dtype=F64)
+    result = conjugate_gradient(
+        lambda p: (M @ p.unsqueeze(-1)).squeeze(-1), b, max_iter=m, rtol=1e-12
+    )
+    expected = torch.linalg.solve(M, b)
+    scale = expected.abs().max().item() + 1.0
+    assert torch.allclose(result.solution, expected, atol=1e-6 * scale, rtol=1e-6)
+    assert not result.safeguarded.any()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 8),
+    st.integers(1, 5),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["indefinite", "singular", "zero", "nonsymmetric"]),
+)
+def test_cg_finite_on_bad_systems(m: int, batch: int, seed: int, kind: str) -> None:
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(batch, m, m, generator=g, dtype=torch.float32)
+    if kind == "indefinite":
+        M = B + B.mT
+    elif kind == "singular":
+        M = B[..., :1] @ B[..., :1].mT
+    elif kind == "zero":
+        M = torch.zeros_like(B)
+    else:
+        M = B * 100
+    b = torch.randn(batch, m, generator=g)
+    b[0] = 0.0  # an exactly solved element: 0 / 0 in a textbook CG
+    result = conjugate_gradient(lambda p: (M @ p.unsqueeze(-1)).squeeze(-1), b, max_iter=3 * m)
+    assert torch.isfinite(result.solution).all()
+    assert torch.isfinite(result.residual).all()
+    assert (result.solution[0] == 0).all()
+
+
+def test_cg_nonfinite_product_is_isolated() -> None:
+    b = torch.ones(3, 4, dtype=F64)
+
+    def matvec(p: Tensor) -> Tensor:
+        out = 2.0 * p
+        out[1] = torch.nan
+        return out
+
+    result = conjugate_gradient(matvec, b, max_iter=4)
+    assert torch.isfinite(result.solution).all()
+    assert torch.allclose(result.solution[[0, 2]], torch.full((2, 4), 0.5, dtype=F64))
+    assert (result.solution[1] == 0).all()
+
+
+# ---------------------------------------------------------------------------- Gaussian ground truth
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+def test_mmps_matches_exact_gaussian_posterior(kind: str) -> None:
+    # With exact CG (cg_iter >= M) and a Gaussian prior, MMPS's guided denoiser is exactly
+    # E[x | x_t, y]; what remains is the time discretisation, small at 128 DDIM steps.
+    n = 1000
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, kind, n)
+    m, P = _exact_posterior(prior, Y, op)
+    # The exact posterior means agree with the prior's own implementation.
+    assert np.allclose(prior.posterior_mean(Y, op), m.numpy(), atol=1e-4)
+    sampler = MMPS(steps=128, cg_iter=16, eta=0.0)
+    x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (n, D) and x.dtype == F64 and not x.requires_grad
+    zscore, frob = _moment_errors(_whiten(x, m, P))
+    assert zscore < Z_BOUND
+    assert frob < _frobenius_bound(n, D), frob
+    diag = sampler.diagnostics_
+    assert diag["cg_residual"] < 1e-5
+    assert diag["cg_safeguarded"] == 0.0 and diag["clipped"] == 0.0 and diag["fallback"] == 0.0
+    assert diag["wall_time"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+@pytest.mark.parametrize(
+    ("params", "exact"),
+    [
+        ({"steps": 512, "cg_iter": 16, "eta": 1.0}, True),  # DDPM needs many steps
+        ({}, False),  # the defaults: 64 DDPM steps, one CG iteration
+        ({"cg_iter": 3}, False),
+    ],
+)
+def test_mmps_gaussian_posterior_settings(kind: str, params: dict, exact: bool) -> None:
+    n = 2000
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, kind, n)
+    m, P = _exact_posterior(prior, Y, op)
+    x = MMPS(**params).sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+    zscore, frob = _moment_errors(_whiten(x, m, P))
+    assert zscore < Z_BOUND
+    bound = _frobenius_bound(n, D)
+    # The defaults trade accuracy for speed: covariance error within a few noise levels.
+    assert frob < (bound if exact else 5 * bound), frob
+
+
+def test_mmps_mixture_mode_weights() -> None:
+    d, n = 4, 800
+    means = torch.tensor([[-2.0, -2.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, -3.0]])
+    prior = GaussianMixturePrior(
+        torch.tensor([0.3, 0.5, 0.2], dtype=F64), means.to(F64), torch.full((3,), 0.25, dtype=F64)
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.as_tensor(prior.sample(n, generator=3), dtype=F64)
+    # Observe one coordinate with large noise: the posteriors stay multimodal.
+    mask = torch.zeros(n, d, dtype=torch.bool)
+    mask[torch.arange(n), torch.randint(0, d, (n,), generator=g)] = True
+    op = Mask(mask, noise_std=1.0).to(dtype=F64)
+    Y = op.apply(x) + torch.randn(n, d, generator=g, dtype=F64)
+    weights = torch.as_tensor(prior.posterior_weights(Y, op), dtype=F64)  # (n, K)
+    samples = MMPS(steps=64, cg_iter=4).sample(
+        prior, Y, op, generator=torch.Generator().manual_seed(0)
+    )
+    labels = torch.cdist(samples, means.to(F64)).argmin(dim=-1)
+    observed = torch.bincount(labels, minlength=3).to(F64) / n
+    expected = weights.mean(dim=0)
+    # Sampling std of a frequency is <= 0.5 / sqrt(n) ~ 0.018; allow 4.5 of them plus 0.03 of
+    # approximation error (MMPS is not exact for mixtures).
+    assert torch.allclose(observed, expected, atol=4.5 * 0.5 / math.sqrt(n) + 0.03), (
+        observed,
+        expected,
+    )
+
+
+@pytest.mark.parametrize(("eta", "steps"), [(1.0, 256), (0.0, 128)])
+def test_unconditional_matches_prior(eta: float, steps: int) -> None:
+    n = 2000
+    prior = _gaussian_prior()
+    sampler = Unconditional(steps=steps, eta=eta)
+    x = sampler.sample(prior, n, D, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert x.shape == (n, D) and x.dtype == F64
+    C = prior.cov_matrix.to(F64)
+    m = prior.mean.to(F64).expand(n, -1)
+    zscore, frob = _moment_errors(_whiten(x, m, C.expand(n, -1, -1)))
+    assert zscore < Z_BOUND
+    assert frob < _frobenius_bound(n, D), frob
+
+
+def test_unconditional_with_corrector_matches_prior() -> None:
+    n = 1000
+    prior = _gaussian_prior()
+    sampler = Unconditional(steps=64, eta=0.0, corrector_steps=1)
+    x = sampler.sample(prior, n, D, generator=torch.Generator().manual_seed(0), dtype=F64)
+    C = prior.cov_matrix.to(F64)
+    zscore, frob = _moment_errors(_whiten(x, prior.mean.to(F64).expand(n, -1), C.expand(n, -1, -1)))
+    assert zscore < Z_BOUND
+    assert frob < 2 * _frobenius_bound(n, D), frob
+
+
+# ---------------------------------------------------------------------------- wild networks
+class WildNet(torch.nn.Module):
+    """Untrained tanh MLP without preconditioning and with large weights: its Jacobian is large,
+    non-symmetric and indefinite at every noise level."""
+
+    def __init__(self, d: int, width: int = 64, gain: float = 4.0, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        dims = [d + 1, width, width, width, d]
+        self.layers = torch.nn.ModuleList()
+        for a, b in itertools.pairwise(dims):
+            layer = torch.nn.Linear(a, b)
+            with torch.no_grad():
+                layer.weight.copy_(torch.randn(b, a, generator=g) * gain / math.sqrt(a))
+                layer.bias.copy_(torch.randn(b, generator=g))
+            self.layers.append(layer)
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        h = torch.cat([x, torch.log(sigma).unsqueeze(-1)], dim=-1)
+        for layer in self.layers[:-1]:
+            h = torch.tanh(layer(h))
+        return 3.0 * self.layers[-1](h)
+
+
+def _wild_problem(kind: str, n: int = 128) -> tuple[Tensor, Operator]:
+    g = torch.Generator().manual_seed(5)
+    if kind == "mask":
+        op: Operator = Mask(torch.rand(n, D, generator=g) < 0.5, noise_std=0.0)
+    else:
+        op = Dense(torch.randn(n, 8, D, generator=g) / 4, noise_std=0.0)
+    return op.apply(2 * torch.randn(n, D, generator=g)), op
+
+
+def _naive_cg(matvec, b: Tensor, iters: int) -> Tensor:
+    """Textbook CG without any safeguard."""
+    x, r = torch.zeros_like(b), b.clone()
+    p, rr = r.clone(), (r * r).sum(-1, keepdim=True)
+    for _ in range(iters):
+        Ap = matvec(p)
+        alpha = rr / (p * Ap).sum(-1, keepdim=True)
+        x, r = x + alpha * p, r - alpha * Ap
+        rr_new = (r * r).sum(-1, keepdim=True)
+        p, rr = r + rr_new / rr * p, rr_new
+    return x
+
+
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+def test_naive_cg_breaks_but_safeguarded_cg_does_not(kind: str) -> None:
+    net = WildNet(D)
+    Y, op = _wild_problem(kind, n=256)
+    g = torch.Generator().manual_seed(0)
+    broken = 0
+    for sigma in [1e-3, 1e-1, 1.0, 10.0, 100.0]:
+        x_t = (sigma * torch.randn(Y.shape[0], D, generator=g)).requires_grad_()
+        x_hat = net(x_t, torch.full((Y.shape[0],), sigma))
+        r = Y - op.apply(x_hat.detach())
+
+        def matvec(p: Tensor, x_hat: Tensor = x_hat, x_t: Tensor = x_t, s: float = sigma) -> Tensor:
+            (jtw,) = torch.autograd.grad(x_hat, x_t, op.adjoint(p), retain_graph=True)
+            return op.noise_var * p + op.apply(s**2 * jtw)
+
+        naive = _naive_cg(matvec, r, 16)
+        broken += int((~torch.isfinite(naive)).any())
+        ours = conjugate_gradient(matvec, r, max_iter=16)
+        assert torch.isfinite(ours.solution).all()
+    assert broken >= 3  # the test system really is pathological
+
+
+WILD_SAMPLERS = [
+    MMPS(steps=12, cg_iter=3),
+    MMPS(steps=12, cg_iter=1, covariance="gaussian"),
+    MMPS(steps=12, cg_iter=2, covariance="isotropic"),
+    MMPS(steps=8, cg_iter=2, corrector_steps=1),
+    DPS(steps=12),
+    PiGDM(steps=12),
+    TMPD(steps=12),
+    TMPD(steps=8, corrector_steps=1, eta=0.0),
+]
+
+
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+@pytest.mark.parametrize("sampler", WILD_SAMPLERS, ids=repr)
+def test_samplers_finite_on_wild_network(sampler, kind: str) -> None:
+    net = WildNet(D)
+    Y, op = _wild_problem(kind)
+    x = sampler.sample(net, Y, op, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    assert not x.requires_grad
+    assert all(math.isfinite(v) for v in sampler.diagnostics_.values())
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_unconditional_finite_on_wild_network(eta: float) -> None:
+    x = Unconditional(steps=12, eta=eta, corrector_steps=1).sample(WildNet(D), 64, D)
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_mmps_safeguards_engage_on_wild_network() -> None:
+    sampler = MMPS(steps=12, cg_iter=3)
+    Y, op = _wild_problem("dense")
+    sampler.sample(WildNet(D), Y, op, generator=torch.Generator().manual_seed(0))
+    assert sampler.diagnostics_["cg_safeguarded"] > 0
+
+
+# ---------------------------------------------------------------------------- chunking, RNG, API
+@pytest.mark.parametrize(
+    "sampler",
+    [MMPS(steps=8, cg_iter=2), DPS(steps=8), PiGDM(steps=8), TMPD(steps=8, corrector_steps=1)],
+    ids=repr,
+)
+def test_chunking_is_invisible(sampler) -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "mask", 50)
+    full = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(7))
+    chunked = clone(sampler).set_params(batch_size=7)
+    parts = chunked.sample(prior, Y, op, generator=torch.Generator().manual_seed(7))
+    assert torch.allclose(full, parts, atol=1e-10)
+    assert not parts.requires_grad
+
+
+def test_shared_operator_and_reproducibility() -> None:
+    prior = _gaussian_prior()
+    n = 30
+    A = torch.randn(6, D, generator=torch.Generator().manual_seed(0), dtype=F64)
+    op = Dense(A, noise_std=0.2)  # batch size 1, shared by all rows
+    Y = torch.randn(n, 6, dtype=F64)
+    sampler = MMPS(steps=8, cg_iter=2, batch_size=8)
+    a = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(1))
+    b = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(1))
+    c = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (n, D)
+
+
+def test_float32_observations_give_float32_samples() -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "dense", 20)
+    x = MMPS(steps=8).sample(prior, Y.float(), op, generator=torch.Generator().manual_seed(0))
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+def test_get_set_params_and_clone() -> None:
+    sampler = MMPS(steps=10, cg_iter=2, covariance="gaussian", batch_size=5)
+    params = sampler.get_params()
+    assert params["cg_iter"] == 2 and params["covariance"] == "gaussian"
+    copy = clone(sampler)
+    assert copy.get_params() == params and copy is not sampler
+    copy.set_params(cg_iter=5)
+    assert copy.cg_iter == 5 and sampler.cg_iter == 2
+    for cls in (Unconditional, DPS, PiGDM, TMPD, MMPS):
+        assert clone(cls()).get_params() == cls().get_params()
+
+
+def test_input_validation() -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "dense", 10)
+    with pytest.raises(ValueError, match="Y"):
+        MMPS(steps=4).sample(prior, Y[:, :3], op)
+    with pytest.raises(ValueError, match="operator"):
+        MMPS(steps=4).sample(prior, Y[:4], op)
+    with pytest.raises(TypeError, match="Y"):
+        MMPS(steps=4).sample(prior, Y.numpy(), op)
+    with pytest.raises(ValueError, match="cg_iter"):
+        MMPS(cg_iter=0).sample(prior, Y, op)
+    with pytest.raises(ValueError, match="covariance"):
+        MMPS(covariance="full").sample(prior, Y, op)
+    with pytest.raises(ValueError, match="eta"):
+        DPS(eta=2.0).sample(prior, Y, op)
+    with pytest.raises(ValueError, match="steps"):
+        Unconditional(steps=0).sample(prior, 3, D)
+    with pytest.raises(TypeError, match="differentiable"):
+        MMPS(steps=2).sample(lambda x, s: prior(x, s).detach(), Y, op)
+
+
+def test_verbose_progress(capsys: pytest.CaptureFixture[str]) -> None:
+    prior = _gaussian_prior()
+    x = Unconditional(steps=3, verbose=1).sample(prior, 4, D, dtype=F64)
+    assert x.shape == (4, D)
