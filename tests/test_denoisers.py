@@ -25,15 +25,6 @@ from diffem.denoisers import (
 SMALL = {"module__hidden_features": 32, "module__n_blocks": 1, "module__emb_features": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small networks on a shared CPU run much faster without intra-op threading
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gaussian(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mu = torch.tensor([1.5, -1.0])

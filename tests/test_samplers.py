@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,15 +26,6 @@ from diffem.samplers import (
 
 D = 16
 F64 = torch.float64
-
-
-@pytest.fixture(autouse=True)
-def _single_thread() -> Iterator[None]:
-    # Tiny matrices: thread start-up dominates, and the machine is shared.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------- problems
