@@ -210,6 +210,17 @@ class Operator:
         columns = [self.apply(eye[j].expand(self._n, -1)) for j in range(self._d)]
         return torch.stack(columns, dim=-1)
 
+    def as_diagonal(self) -> Tensor | None:
+        r"""The diagonals :math:`a_i` of :math:`A_i = \operatorname{diag}(a_i)`, or ``None``.
+
+        Shape ``(n | 1, D)`` when every :math:`A_i` is a square diagonal matrix (then ``M = D``),
+        ``None`` otherwise (the default). It lets Gaussian computations use
+        :math:`A_i \operatorname{diag}(v) A_i^\top = \operatorname{diag}(a_i^2 v)` at
+        :math:`O(D)` cost instead of building :meth:`matrix`. Pinned measurements have
+        :math:`a_{ij} = 0`.
+        """
+        return None
+
     def _single(self, i: int) -> Operator:
         """Sample ``i`` as an operator of batch size 1 (which then broadcasts)."""
         new = self.__copy__()

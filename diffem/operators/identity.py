@@ -41,3 +41,7 @@ class Identity(Operator):
     def matrix(self) -> Tensor:
         """:math:`I_D`, shape ``(1, D, D)``."""
         return torch.eye(self._d, dtype=self.dtype, device=self.device).unsqueeze(0)
+
+    def as_diagonal(self) -> Tensor:
+        """:math:`A_i = I_D`: ones of shape ``(1, D)``."""
+        return torch.ones(1, self._d, dtype=self.dtype, device=self.device)

@@ -69,3 +69,7 @@ class Mask(Operator):
     def matrix(self) -> Tensor:
         r""":math:`\operatorname{diag}(m_i)`, shape ``(n | 1, D, D)``."""
         return torch.diag_embed(self.mask.to(self.dtype))
+
+    def as_diagonal(self) -> Tensor:
+        r""":math:`A_i = \operatorname{diag}(m_i)`: the mask as numbers, shape ``(n | 1, D)``."""
+        return self.mask.to(self.dtype)

@@ -9,9 +9,19 @@ Gaussian prior :math:`\mathcal{N}(\mu, C)`, the posteriors :math:`p(x \mid y_i) 
     C' = \frac1n \sum_i \big(V_i + (m_i - \mu')(m_i - \mu')^\top\big),
 
 which never decreases the mean log-evidence :math:`\frac1n \sum_i \log p(y_i)`. This is the
-Gaussian initialisation of Rozet et al. (2024). With ``rank`` set, :math:`C'` is projected onto
-:math:`F F^\top + \operatorname{diag}(d)` (top-``r`` eigenpairs, and the diagonal residual), as in
-probabilistic PCA (Tipping & Bishop, 1999).
+Gaussian initialisation of Rozet et al. (2024). This dense path (``method="exact"``) costs
+:math:`O(M^3 + M^2 D + M D^2)` per sample and holds :math:`D \times D` matrices.
+
+With ``rank`` set and ``D > 64``, the default path (``method="factor"``,
+:mod:`diffem.priors._factor_em`) keeps
+:math:`C = F F^\top + \operatorname{diag}(d)` throughout and runs EM for the factor model
+:math:`x = \mu + F z + \varepsilon` (probabilistic PCA with a diagonal noise; Tipping & Bishop,
+1999), with :math:`z` and :math:`x` both latent. Its expected sufficient statistics are exact:
+through diagonal operators (Identity, Mask) by the Woodbury identity and the matrix determinant
+lemma in :math:`O(D r^2)` per sample, otherwise through :math:`M \times M` Cholesky factors. Its
+M-step maximises within the low-rank-plus-diagonal family, so the log-evidence never decreases.
+``method="exact"`` with ``rank`` instead projects the full update :math:`C'` onto that family
+(top-``r`` eigenpairs, and the diagonal residual), which is not monotone in general.
 
 For a mixture, extreme deconvolution (Bovy, Hogg & Roweis, 2011, "Extreme deconvolution:
 inferring complete distribution functions from noisy, heterogeneous and incomplete
@@ -39,6 +49,7 @@ import torch
 from torch import Tensor
 
 from diffem.operators.base import Operator
+from diffem.priors import _factor_em
 from diffem.priors._common import (
     Covariance,
     FullCovariance,
@@ -53,6 +64,10 @@ from diffem.priors.gaussian import GaussianPrior, _check_psd_eig
 from diffem.priors.mixture import GaussianMixturePrior
 
 __all__ = ["fit_gaussian", "fit_gaussian_mixture"]
+
+
+# ``method="auto"`` keeps the dense exact path with ``rank`` up to this many features.
+_EXACT_MAX_D = 64
 
 
 def _resolve_device(device: Any, init: Any) -> torch.device:
@@ -139,6 +154,7 @@ def fit_gaussian(
     device: Any = None,
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
+    method: str = "auto",
 ) -> GaussianPrior | tuple[GaussianPrior, list[float]]:
     r"""Fits a Gaussian prior :math:`\mathcal{N}(\mu, C)` to observations by exact EM.
 
@@ -157,13 +173,16 @@ def fit_gaussian(
         Number of EM iterations.
     rank : int or None
         If set, :math:`C` is kept as :math:`F F^\top + \operatorname{diag}(d)` with
-        ``F`` of shape ``(D, rank)`` (PPCA-style projection after each M-step), and the result
-        is a :meth:`GaussianPrior.low_rank` prior.
-    generator : unused
-        Accepted for a uniform signature (the algorithm is deterministic).
+        ``F`` of shape ``(D, rank)``, and the result is a :meth:`GaussianPrior.low_rank` prior
+        (see ``method``).
+    generator : ``torch.Generator``, int seed, ``numpy.random.RandomState`` or ``None``
+        Randomness of the initial subspace of the ``"factor"`` method (a randomized range
+        finder); ``None`` uses a fixed seed, so the fit is deterministic. Unused otherwise.
     init : GaussianPrior or None
         Starting prior. By default the least-squares mean of the observations and an isotropic
-        covariance matching their spread.
+        covariance matching their spread (plus, for the ``"factor"`` method, a factor spanning
+        the top principal subspace of the back-projected residuals :math:`A_i^\top (y_i -
+        A_i \mu_0)`).
     ridge : float
         Relative floor added to the covariance diagonal, :math:`\text{ridge} \cdot
         \operatorname{tr}(C) / D`.
@@ -175,6 +194,14 @@ def fit_gaussian(
     return_history : bool
         Also return the mean log-evidences, ``history[k]`` being that of the prior after ``k``
         iterations.
+    method : {"auto", "exact", "factor"}
+        ``"exact"``: dense EM on the full covariance (then projected onto rank ``r`` when
+        ``rank`` is set); :math:`D \times D` matrices, for moderate ``D``. ``"factor"`` (needs
+        ``rank``): factor-analysis EM with exact expected statistics and no :math:`D \times D`
+        array, :math:`O(n D r^2)` per iteration through Identity and Mask operators (Woodbury
+        identity, determinant lemma), :math:`O(n (M^2 D + M^3))` through the others; see
+        :mod:`diffem.priors._factor_em`. ``"auto"``: ``"factor"`` when ``rank`` is set and
+        ``D > 64``, else ``"exact"`` (cheap at that size, and unchanged from earlier versions).
 
     Returns
     -------
@@ -185,11 +212,19 @@ def fit_gaussian(
     n_iter = check_n(n_iter, "n_iter") if n_iter != 0 else 0
     if rank is not None:
         rank = check_n(rank, "rank")
+    if method not in ("auto", "exact", "factor"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'factor', got {method!r}.")
+    if method == "factor" and rank is None:
+        raise ValueError("method='factor' needs a rank (a positive integer), got rank=None.")
     dev = _resolve_device(device, init)
     obs = _observation_set(Y, operator, dev)
     d = obs.d
     if rank is not None and rank > d:
         raise ValueError(f"rank must be at most n_features = {d}, got {rank}.")
+    if rank is not None and (method == "factor" or (method == "auto" and d > _EXACT_MAX_D)):
+        return _fit_factor(
+            obs, n_iter, rank, generator, init, ridge, tol, dev, dtype, return_history
+        )
     eye = torch.eye(d, dtype=torch.float64, device=dev)
 
     if init is not None:
@@ -257,6 +292,63 @@ def fit_gaussian(
         prior = GaussianPrior(mean.to(dtype), cov_full.to(dtype))
     else:
         prior = GaussianPrior.low_rank(mean.to(dtype), factor.to(dtype), diag.to(dtype))
+    prior.history_ = history
+    if return_history:
+        return prior, history
+    return prior
+
+
+def _fit_factor(
+    obs: ObservationSet,
+    n_iter: int,
+    rank: int,
+    generator: Any,
+    init: GaussianPrior | None,
+    ridge: float,
+    tol: float,
+    dev: torch.device,
+    dtype: torch.dtype,
+    return_history: bool,
+) -> GaussianPrior | tuple[GaussianPrior, list[float]]:
+    """The ``"factor"`` method of :func:`fit_gaussian` (see :mod:`diffem.priors._factor_em`)."""
+    d, n = obs.d, len(obs)
+    diagonal = obs.operator.as_diagonal() is not None
+    if init is not None:
+        if not isinstance(init, GaussianPrior) or init.n_features != d:
+            raise ValueError(f"init must be a GaussianPrior with n_features = {d}.")
+        mean = init.mean.to(dtype=torch.float64, device=dev)
+        if init.rank is not None and init.rank == rank:
+            factor = init.factor.to(dtype=torch.float64, device=dev)
+            diag = init.diag.to(dtype=torch.float64, device=dev)
+        else:
+            factor, diag = _project_low_rank(
+                init.cov_matrix.to(dtype=torch.float64, device=dev), rank, 1e-12
+            )
+    else:
+        gen = make_generator(generator, dev)
+        if gen is None:
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(0)
+        if diagonal:
+            rows = _factor_em.chunk_rows(d, rank)
+            mean, scale, coverage = _factor_em.diagonal_moments(obs, rows)
+        else:
+            mean, scale = _initial_moments(obs)
+            scale = scale.expand(d)
+            coverage = _factor_em.frobenius_coverage(obs)
+        factor, diag = _factor_em.initial_factor(obs, mean, scale, coverage, rank, diagonal, gen)
+
+    estep = _factor_em.estep_diagonal if diagonal else _factor_em.estep_dense
+    history: list[float] = []
+    for iteration in range(n_iter + 1):
+        stats = _factor_em.Statistics(d, rank, dev) if iteration < n_iter else None
+        history.append(estep(obs, mean, factor, diag, stats) / n)
+        if iteration == n_iter or (iteration > 0 and tol > 0 and history[-1] - history[-2] < tol):
+            break
+        mean, factor, diag = _factor_em.mstep(stats, ridge)
+
+    factor = _factor_em.canonical_factor(factor)
+    prior = GaussianPrior.low_rank(mean.to(dtype), factor.to(dtype), diag.to(dtype))
     prior.history_ = history
     if return_history:
         return prior, history
