@@ -403,6 +403,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             op,
             n_iter=int(self.gaussian_iter),
             rank=self.gaussian_rank,
+            generator=_sub_seed(base_seed, 0, 0),
             device=device,
         )
         self.gaussian_prior_ = prior.to("cpu")
