@@ -30,15 +30,19 @@ class DPS(PosteriorSampler):
     denoiser this is :math:`\hat{x} + \delta` with :math:`\delta = \zeta J^\top A^\top r /
     (\lVert r \rVert (1 - c))`, where :math:`c = \sqrt{\sigma_s^2 - \tau^2} / \sigma_t` is the
     weight of :math:`x_t - \hat{x}` in the ancestral step, which reproduces the update above
-    exactly (in a corrector step, :math:`c = 0`). The noise covariance :math:`\Sigma_y` is not
-    used. Shapes: ``x_t`` ``(B, D)``, ``y`` ``(B, M)``.
+    exactly (in a corrector step, :math:`c = 0`). With the other solvers :math:`1 - c` is the
+    weight of the evaluation in the update times the number of evaluations of the step
+    (:meth:`diffem.samplers.base.Sampler._mean_all`): a Heun step then moves :math:`x_s` by
+    :math:`\zeta` times the mean of its two normalised gradients, and a DPM-Solver++(2M)
+    step by :math:`\zeta` times the current one (to first order). The noise covariance
+    :math:`\Sigma_y` is not used. Shapes: ``x_t`` ``(B, D)``, ``y`` ``(B, M)``.
 
     Parameters
     ----------
     steps : int
     zeta : float
         Guidance strength :math:`\zeta` (the paper tunes it per task, 0.1 to 1 for images).
-    eta, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
+    eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
         See :class:`diffem.samplers.base.Sampler`.
 
     Attributes
@@ -54,6 +58,7 @@ class DPS(PosteriorSampler):
         zeta: float = 1.0,
         eta: float = 1.0,
         *,
+        solver: str = "ancestral",
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
         batch_size: int = 4096,
@@ -64,6 +69,7 @@ class DPS(PosteriorSampler):
         self.steps = steps
         self.zeta = zeta
         self.eta = eta
+        self.solver = solver
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.batch_size = batch_size
@@ -80,7 +86,7 @@ class DPS(PosteriorSampler):
         denoiser: Callable[[Tensor, Tensor], Tensor],
         x_t: Tensor,
         sigma: Tensor,
-        sigma_next: Tensor | None,
+        weight: Tensor | None,
         y: Tensor,
         operator: Operator,
         stats: dict[str, list[Tensor]],
@@ -91,12 +97,9 @@ class DPS(PosteriorSampler):
         good = norm > 0
         direction = torch.where(good, residual / torch.where(good, norm, 1.0), 0.0)
         grad = vjp(x_hat, x_leaf, operator.adjoint(direction), retain_graph=False)
-        if sigma_next is None:
-            weight = torch.ones_like(sigma)
+        if weight is None:
+            scale = torch.ones_like(sigma)
         else:
-            ratio2 = (sigma_next / sigma) ** 2
-            tau2 = float(self.eta) ** 2 * sigma_next**2 * (1 - ratio2).clamp(min=0)
-            c = torch.sqrt((sigma_next**2 - tau2).clamp(min=0)) / sigma
-            weight = 1.0 / (1.0 - c).clamp(min=torch.finfo(sigma.dtype).eps)
+            scale = 1.0 / weight.clamp(min=torch.finfo(sigma.dtype).eps)
         stats.setdefault("residual_norm", []).append(norm.flatten())
-        return x_hat.detach(), float(self.zeta) * weight.unsqueeze(-1) * grad
+        return x_hat.detach(), float(self.zeta) * scale.unsqueeze(-1) * grad

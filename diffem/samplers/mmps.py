@@ -71,7 +71,10 @@ class MMPS(PosteriorSampler):
     cg_iter : int
         Conjugate-gradient iterations per step (the paper uses 1 to 3).
     eta : float in [0, 1]
-        1: DDPM ancestral steps, 0: DDIM.
+        1: DDPM ancestral steps, 0: DDIM (the stochasticity of the other solvers).
+    solver : {"ancestral", "heun", "dpmpp_2m"}
+        Solver applied to the guided denoiser :math:`E[x \mid x_t, y]` (accuracy table in
+        :class:`diffem.samplers.base.Sampler`); ``"ancestral"`` is the paper's.
     covariance : {"jacobian", "gaussian", "isotropic"}
         :math:`\mathbb{V}` used in the linear system: Tweedie's :math:`\sigma_t^2 J` (MMPS),
         the heuristic :math:`r_t^2 I` or :math:`\sigma_t^2 I` (the paper's covariance
@@ -91,7 +94,8 @@ class MMPS(PosteriorSampler):
         ``cg_residual`` (mean final relative residual), ``cg_iterations`` (mean),
         ``cg_safeguarded`` (fraction of solves stopped by a curvature safeguard),
         ``clipped`` (fraction of rescaled guidance terms), ``fallback`` (fraction of
-        non-finite guidance terms replaced by 0), ``wall_time``; averaged over steps and rows.
+        non-finite guidance terms replaced by 0), averaged over steps and rows;
+        ``evaluations`` (guided-denoiser evaluations per sample) and ``wall_time``.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class MMPS(PosteriorSampler):
         sigma_data: float = 1.0,
         cg_rtol: float = 1e-6,
         variance_bounds: tuple[float, float] = (1e-3, 1e2),
+        solver: str = "ancestral",
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
         batch_size: int = 4096,
@@ -118,6 +123,7 @@ class MMPS(PosteriorSampler):
         self.sigma_data = sigma_data
         self.cg_rtol = cg_rtol
         self.variance_bounds = variance_bounds
+        self.solver = solver
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.batch_size = batch_size
@@ -151,7 +157,7 @@ class MMPS(PosteriorSampler):
         denoiser: Callable[[Tensor, Tensor], Tensor],
         x_t: Tensor,
         sigma: Tensor,
-        sigma_next: Tensor | None,
+        weight: Tensor | None,
         y: Tensor,
         operator: Operator,
         stats: dict[str, list[Tensor]],

@@ -44,7 +44,7 @@ class PiGDM(PosteriorSampler):
     cg_iter : int or None
         Maximum CG iterations (``None``: ``M``).
     cg_rtol : float
-    eta, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
+    eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
         See :class:`diffem.samplers.base.Sampler`.
 
     Attributes
@@ -61,6 +61,7 @@ class PiGDM(PosteriorSampler):
         *,
         cg_iter: int | None = None,
         cg_rtol: float = 1e-6,
+        solver: str = "ancestral",
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
         batch_size: int = 4096,
@@ -73,6 +74,7 @@ class PiGDM(PosteriorSampler):
         self.eta = eta
         self.cg_iter = cg_iter
         self.cg_rtol = cg_rtol
+        self.solver = solver
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.batch_size = batch_size
@@ -92,7 +94,7 @@ class PiGDM(PosteriorSampler):
         denoiser: Callable[[Tensor, Tensor], Tensor],
         x_t: Tensor,
         sigma: Tensor,
-        sigma_next: Tensor | None,
+        weight: Tensor | None,
         y: Tensor,
         operator: Operator,
         stats: dict[str, list[Tensor]],

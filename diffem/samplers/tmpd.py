@@ -53,7 +53,7 @@ class TMPD(PosteriorSampler):
     cg_iter : int or None
         Maximum CG iterations (``None``: ``M``).
     cg_rtol : float
-    eta, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
+    eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
         See :class:`diffem.samplers.base.Sampler`.
 
     Attributes
@@ -72,6 +72,7 @@ class TMPD(PosteriorSampler):
         min_variance: float = 1e-3,
         cg_iter: int | None = None,
         cg_rtol: float = 1e-6,
+        solver: str = "ancestral",
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
         batch_size: int = 4096,
@@ -85,6 +86,7 @@ class TMPD(PosteriorSampler):
         self.min_variance = min_variance
         self.cg_iter = cg_iter
         self.cg_rtol = cg_rtol
+        self.solver = solver
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.batch_size = batch_size
@@ -105,7 +107,7 @@ class TMPD(PosteriorSampler):
         denoiser: Callable[[Tensor, Tensor], Tensor],
         x_t: Tensor,
         sigma: Tensor,
-        sigma_next: Tensor | None,
+        weight: Tensor | None,
         y: Tensor,
         operator: Operator,
         stats: dict[str, list[Tensor]],

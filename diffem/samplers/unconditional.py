@@ -14,10 +14,10 @@ __all__ = ["Unconditional"]
 
 
 class Unconditional(Sampler):
-    r"""Samples the prior :math:`q(x)` of a denoiser by ancestral sampling.
+    r"""Samples the prior :math:`q(x)` of a denoiser.
 
-    Starting from :math:`x_T \sim \mathcal{N}(0, \sigma_{\max}^2 I)`, each step
-    :math:`\sigma_t \to \sigma_s` is
+    With ``solver="ancestral"`` (the default), starting from :math:`x_T \sim \mathcal{N}(0,
+    \sigma_{\max}^2 I)`, each step :math:`\sigma_t \to \sigma_s` is
 
     .. math::
         x_s = \hat{x} + \sqrt{\sigma_s^2 - \tau^2} \, \frac{x_t - \hat{x}}{\sigma_t} + \tau z,
@@ -27,17 +27,21 @@ class Unconditional(Sampler):
     i.e. DDPM (Ho et al., 2020, "Denoising Diffusion Probabilistic Models") for ``eta=1`` and
     DDIM (Song, Meng & Ermon, 2021, "Denoising Diffusion Implicit Models") for ``eta=0``, on the
     variance-exploding process. ``corrector_steps > 0`` adds Langevin corrector steps
-    (predictor-corrector sampling, Song et al., 2021).
+    (predictor-corrector sampling, Song et al., 2021). ``solver="heun"`` is EDM's second-order
+    Heun sampler (Karras et al., 2022, algorithms 1 and 2) and ``solver="dpmpp_2m"`` the
+    second-order multistep DPM-Solver++(2M) (Lu et al., 2022), both more accurate per
+    denoiser evaluation (:class:`diffem.samplers.base.Sampler`).
 
     Parameters
     ----------
-    steps, eta, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
+    steps, eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
         See :class:`diffem.samplers.base.Sampler`.
 
     Attributes
     ----------
     diagnostics_ : dict of float
-        ``wall_time`` (seconds) of the last call.
+        ``evaluations`` (denoiser evaluations per sample) and ``wall_time`` (seconds) of the
+        last call.
     """
 
     def __init__(
@@ -45,6 +49,7 @@ class Unconditional(Sampler):
         steps: int = 64,
         eta: float = 1.0,
         *,
+        solver: str = "ancestral",
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
         batch_size: int = 4096,
@@ -54,6 +59,7 @@ class Unconditional(Sampler):
     ) -> None:
         self.steps = steps
         self.eta = eta
+        self.solver = solver
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
         self.batch_size = batch_size
@@ -87,10 +93,13 @@ class Unconditional(Sampler):
         dtype, dev = _resolve_dtype_device(denoiser, dtype, device)
         start = time.perf_counter()
 
-        def mean_fn(x_t: Tensor, sigma: Tensor, sigma_next: Tensor | None, k: int) -> Tensor:
+        def mean_fn(x_t: Tensor, sigma: Tensor, weight: Tensor | None, k: int) -> Tensor:
             with torch.no_grad():
                 return denoiser(x_t, sigma)
 
         x = self._run(mean_fn, n, d, dtype, dev, generator)
-        self.diagnostics_ = {"wall_time": float(time.perf_counter() - start)}
+        self.diagnostics_ = {
+            "evaluations": float(self._evaluations),
+            "wall_time": float(time.perf_counter() - start),
+        }
         return x.detach()
