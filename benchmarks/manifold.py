@@ -48,12 +48,12 @@ from diffem.demo import (
     format_table,
     powers_of_two,
     record_summary,
-    sinkhorn,
 )
+from diffem.metrics import sinkhorn_divergence
 
 
 def _sinkhorn(samples: np.ndarray, truth: np.ndarray) -> float:
-    return sinkhorn(_finite(samples), truth)
+    return sinkhorn_divergence(_finite(samples), truth, reg=0.05)
 
 
 def _sliced(samples: np.ndarray, truth: np.ndarray, seed: int) -> float:

@@ -311,7 +311,7 @@ def sinkhorn_divergence(
     *,
     solver: Literal["symmetric", "pot"] = "symmetric",
     scaling: float = 0.5,
-    n_final: int = 16,
+    n_final: int = 4,
     max_iter: int = 1000,
     tol: float = 1e-2,
     max_samples: int | None = None,
@@ -369,7 +369,7 @@ def sinkhorn_divergence(
         See above.
     scaling : float in (0, 1), default 0.5
         Factor of the :math:`\varepsilon`-scaling schedule.
-    n_final : int, default 16
+    n_final : int, default 4
         ``"symmetric"``: steps at :math:`\varepsilon =` ``reg`` after the schedule.
     max_iter : int, default 1000
         ``"pot"``: iterations of the final stage (at :math:`\varepsilon =` ``reg``).
