@@ -356,3 +356,32 @@ def test_incompatible_checkpoint_is_ignored(tmp_path: Path, data) -> None:
             Y[:40], op[:40]
         )
     assert est.resumed_from_ is None
+
+
+def test_callback_sees_every_iteration_with_its_prior():
+    """``callback(estimator, record)`` runs after the initialisation and each EM iteration."""
+    rng = np.random.default_rng(0)
+    Y = rng.normal(size=(64, 3)).astype(np.float32)
+    seen = []
+
+    def callback(est, record):
+        seen.append((record["iteration"], est.n_iter_, est.sample(4, random_state=0).shape))
+
+    est = DiffusionPriorEM(
+        denoiser=MLPDenoiser(max_epochs=1, module__hidden_features=16, module__n_blocks=1),
+        sampler=MMPS(steps=4),
+        n_iter=2,
+        gaussian_iter=2,
+        noise_std=0.1,
+        device="cpu",
+        random_state=0,
+        callback=callback,
+    ).fit(Y)
+    assert [(k, n) for k, n, _ in seen] == [(0, 0), (1, 1), (2, 2)]
+    assert all(shape == (4, 3) for *_, shape in seen)
+    assert est.n_iter_ == 2
+
+
+def test_callback_must_be_callable():
+    with pytest.raises(TypeError, match="callback"):
+        DiffusionPriorEM(n_iter=0, noise_std=0.1, callback=3).fit(np.zeros((8, 2)))

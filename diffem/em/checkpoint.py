@@ -4,10 +4,10 @@ After every EM iteration the estimator writes ``checkpoint_dir/em_iter{k:04d}.jo
 to a temporary file, then renamed, so that an interrupted write never leaves a truncated
 checkpoint) and removes the older ones. A checkpoint holds the fitted state (denoiser, sampler,
 Gaussian prior, history, random seed) and a *fingerprint* of the training problem: the
-hyper-parameters that change the result (everything except ``n_iter``, ``verbose``, ``device``,
-``checkpoint_dir`` and the prediction-time costs) and a hash of the data and operator. A later
-``fit`` with the same fingerprint resumes from the latest checkpoint whose iteration is at most
-``n_iter``.
+hyper-parameters that change the result (everything except ``n_iter``, ``verbose``,
+``callback``, ``device``, ``checkpoint_dir`` and the prediction-time costs) and a hash of
+the data and operator. A later ``fit`` with the same fingerprint resumes from the latest
+checkpoint whose iteration is at most ``n_iter``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ _FORMAT = 1
 _IGNORED = {
     "n_iter",
     "verbose",
+    "callback",
     "device",
     "checkpoint_dir",
     "n_transform_samples",

@@ -205,6 +205,11 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     checkpoint_dir : str, path or None, default=None
         If set, the state is saved there after every EM iteration, and ``fit`` resumes from
         the latest compatible checkpoint (same hyper-parameters and data).
+    callback : callable or None, default=None
+        ``callback(estimator, record)`` is called after the Gaussian initialisation (with
+        ``record = {"iteration": 0}``) and after every completed EM iteration (with that
+        iteration's ``history_`` record), the estimator then holding that iteration's prior:
+        e.g. to evaluate or plot the prior along EM. It must not refit the estimator.
 
     Attributes
     ----------
@@ -281,6 +286,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         score_steps: int = 16,
         batch_size: int = 4096,
         checkpoint_dir: Any = None,
+        callback: Any = None,
     ) -> None:
         self.denoiser = denoiser
         self.sampler = sampler
@@ -296,6 +302,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.score_steps = score_steps
         self.batch_size = batch_size
         self.checkpoint_dir = checkpoint_dir
+        self.callback = callback
 
     # ------------------------------------------------------------------ scikit-learn tags
     def __sklearn_tags__(self) -> Any:
@@ -354,6 +361,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         else:
             self._initialise(Y_t, op, device, base_seed)
         self.n_features_in_ = d
+        if self.callback is not None and payload is None:
+            self.callback(self, {"iteration": 0})
 
         start = self.n_iter_
         flag = _InterruptFlag()
@@ -368,6 +377,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                         bar.set_postfix(self._postfix(self.history_[-1]))
                     if key is not None:
                         self._save_checkpoint(key, base_seed)
+                    if self.callback is not None:
+                        self.callback(self, self.history_[-1])
         except KeyboardInterrupt:
             # between two iterations (progress bar, checkpoint): the state is complete
             self.interrupted_ = True

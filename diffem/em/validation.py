@@ -210,6 +210,11 @@ def check_params(estimator: Any) -> None:
         )
     if not np.isfinite(noise_std) or noise_std < 0:
         raise ValueError(f"noise_std must be a non-negative finite float, got {noise_std!r}.")
+    if estimator.callback is not None and not callable(estimator.callback):
+        raise TypeError(
+            "callback must be a callable callback(estimator, record) or None, got "
+            f"{type(estimator.callback).__name__}."
+        )
     if (
         estimator.checkpoint_dir is not None
         and not isinstance(estimator.checkpoint_dir, (str, bytes))
