@@ -603,3 +603,19 @@ def test_repr_and_len() -> None:
     assert len(op) == 2 and op.shape == (2, 12, 48)
     assert repr(op) == "Downsample(n=2, m=12, d=48, noise_std=tensor(2, 1))"
     assert op.n_features == 48 and op.n_measurements == 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_shared_matrix_fast_path(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    matrix = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    shared = Dense(matrix.float(), noise_std=0.5).expand(50)
+    batched = Dense(matrix.float().expand(50, -1, -1).clone(), noise_std=0.5)
+    x = torch.randn(50, 30, generator=gen, dtype=dtype)
+    y = torch.randn(50, 4, generator=gen, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b in ((shared.apply(x), batched.apply(x)), (shared.adjoint(y), batched.adjoint(y))):
+        assert a.dtype == dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    torch.testing.assert_close(shared.apply(x), x @ matrix.float().to(dtype).T)
+    torch.testing.assert_close(shared.adjoint(y), y @ matrix.float().to(dtype))

@@ -537,3 +537,26 @@ def test_verbose_progress(capsys: pytest.CaptureFixture[str]) -> None:
     prior = _gaussian_prior()
     x = Unconditional(steps=3, verbose=1).sample(prior, 4, D, dtype=F64)
     assert x.shape == (4, D)
+
+
+def test_mmps_safeguards_inactive_on_exact_mixture_with_small_sigma_t() -> None:
+    # An exact denoiser in float32 at sigma_t down to 1e-3 with sigma_y = 1: the covariance term
+    # of the CG curvature is ~1e-12 of the noise term, so the bounds must be checked on it alone.
+    d = 40
+    grid = torch.arange(-2, 3, dtype=F64) * 8.0
+    means = torch.cartesian_prod(grid, grid).repeat(1, d // 2)
+    prior = GaussianMixturePrior(
+        torch.full((25,), 1 / 25, dtype=F64), means, torch.ones(25, dtype=F64)
+    ).to(dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    # Orthonormal rows scaled by small singular values, as in the MCGdiff benchmark.
+    q, _ = torch.linalg.qr(torch.randn(d, 4, generator=g, dtype=F64))
+    matrix = (torch.tensor([0.5, 0.05, 0.01, 0.002], dtype=F64)[:, None] * q.T).float()
+    op = Dense(matrix, noise_std=1.0).expand(256)
+    x = torch.as_tensor(prior.sample(256, generator=g))
+    Y = op.apply(x) + torch.randn(256, 4, generator=g)
+    sampler = MMPS(steps=64, cg_iter=3, sigma_data=math.sqrt(129.0))
+    out = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(out).all()
+    assert sampler.diagnostics_["cg_safeguarded"] == 0
+    assert sampler.diagnostics_["clipped"] == 0

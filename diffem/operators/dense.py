@@ -42,12 +42,18 @@ class Dense(Operator):
     def apply(self, x: Tensor) -> Tensor:
         r""":math:`A_i x_i`, shape ``(n, D) -> (n, M)``, computed in ``x``'s dtype."""
         self._check_input(x, self._d, "x")
-        return (self.weight.to(x.dtype) @ x.unsqueeze(-1)).squeeze(-1)
+        weight = self.weight.to(x.dtype)
+        if weight.shape[0] == 1:  # shared matrix: one (n, D) x (D, M) product
+            return x @ weight[0].T
+        return (weight @ x.unsqueeze(-1)).squeeze(-1)
 
     def adjoint(self, y: Tensor) -> Tensor:
         r""":math:`A_i^\top y_i`, shape ``(n, M) -> (n, D)``, computed in ``y``'s dtype."""
         self._check_input(y, self._m, "y")
-        return (self.weight.to(y.dtype).mT @ y.unsqueeze(-1)).squeeze(-1)
+        weight = self.weight.to(y.dtype)
+        if weight.shape[0] == 1:  # shared matrix: one (n, M) x (M, D) product
+            return y @ weight[0]
+        return (weight.mT @ y.unsqueeze(-1)).squeeze(-1)
 
     def matrix(self) -> Tensor:
         """The stored matrices, shape ``(n | 1, M, D)``."""

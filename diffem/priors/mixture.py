@@ -209,9 +209,77 @@ class GaussianMixturePrior:
         return resp, comp_means, post_var
 
     def __call__(self, x_t: Tensor, sigma: Any) -> Tensor:
-        r""":math:`E[x \mid x_t] = \sum_k r_k(x_t) m_k(x_t)`; ``(B, D) -> (B, D)``."""
+        r""":math:`E[x \mid x_t] = \sum_k r_k(x_t) m_k(x_t)`; ``(B, D) -> (B, D)``.
+
+        Isotropic covariances :math:`C_k = c_k I` (any ``sigma``) and diagonal ones (one noise
+        level shared by the batch) use matrix products and never form a ``(B, K, D)`` tensor:
+        with :math:`T_k = C_k + \sigma^2 I`,
+
+        .. math::
+            \log r_k = \log w_k - \tfrac12 \big(x_t^\top T_k^{-1} x_t - 2 x_t^\top T_k^{-1}
+            \mu_k + \mu_k^\top T_k^{-1} \mu_k + \log\det T_k\big) + \text{const}, \qquad
+            E[x \mid x_t] = \Big(\sum_k r_k C_k T_k^{-1}\Big) x_t
+            + \sigma^2 \sum_k r_k T_k^{-1} \mu_k,
+
+        an :math:`O(BKD)` computation in two ``(B, D) x (D, K)`` products. Coordinates are
+        centred on the mean of the :math:`\mu_k` first, which keeps the rounding of the
+        expanded squares small. Full covariances use the eigenbasis of each component.
+        """
+        if self.cov_type == "spherical":
+            return self._denoise_spherical(x_t, sigma)
+        if self.cov_type == "diag":
+            x_t = check_x_t(x_t, self.n_features)
+            sigma = as_sigma(sigma, x_t)
+            if bool((sigma == sigma[:1]).all()):
+                return self._denoise_diag(x_t, sigma[:1])
         resp, comp_means, _ = self._denoise(x_t, sigma)
         return (resp.unsqueeze(-1) * comp_means).sum(1)
+
+    def _centred(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """Centre ``(D,)``, centred means ``(K, D)`` and log-weights ``(K,)`` in ``dtype``."""
+        key = ("centred", dtype, str(device))
+        if key not in self._cache:
+            means = self.means.to(torch.float64)
+            centre = means.mean(0)
+            self._cache[key] = (
+                centre.to(dtype=dtype, device=device),
+                (means - centre).to(dtype=dtype, device=device),
+                torch.log(self.weights.to(torch.float64)).to(dtype=dtype, device=device),
+            )
+        return self._cache[key]
+
+    def _denoise_spherical(self, x_t: Tensor, sigma: Any) -> Tensor:
+        """Matrix-product denoiser for isotropic covariances ``c_k I``."""
+        x_t = check_x_t(x_t, self.n_features)
+        sigma = as_sigma(sigma, x_t)
+        dtype, device = x_t.dtype, x_t.device
+        centre, means, log_w = self._centred(dtype, device)
+        var = self.covs.to(dtype=dtype, device=device)  # (K,)
+        d = self.n_features
+        s2 = sigma.pow(2).unsqueeze(-1)  # (B, 1)
+        total = var + s2  # (B, K)
+        x = x_t - centre
+        sq_x = (x * x).sum(-1, keepdim=True)  # (B, 1)
+        sq_mu = (means * means).sum(-1)  # (K,)
+        sq_dist = (sq_x - 2.0 * (x @ means.T) + sq_mu).clamp_min(0.0)  # (B, K)
+        logits = log_w - 0.5 * (sq_dist / total + d * torch.log(total))
+        resp = torch.softmax(logits, dim=-1)  # (B, K)
+        gain = (resp * (var / total)).sum(-1, keepdim=True)  # (B, 1)
+        return centre + gain * x + s2 * ((resp / total) @ means)
+
+    def _denoise_diag(self, x_t: Tensor, sigma: Tensor) -> Tensor:
+        """Matrix-product denoiser for diagonal covariances and one noise level ``(1,)``."""
+        dtype, device = x_t.dtype, x_t.device
+        centre, means, log_w = self._centred(dtype, device)
+        var = self.covs.to(dtype=dtype, device=device)  # (K, D)
+        s2 = sigma.pow(2)  # (1,)
+        inv = 1.0 / (var + s2)  # (K, D)
+        x = x_t - centre
+        scaled = means * inv  # (K, D)
+        quad = (x * x) @ inv.T - 2.0 * (x @ scaled.T) + (means * scaled).sum(-1)  # (B, K)
+        logits = log_w - 0.5 * (quad.clamp_min(0.0) - torch.log(inv).sum(-1))
+        resp = torch.softmax(logits, dim=-1)  # (B, K)
+        return centre + (resp @ (var * inv)) * x + s2 * (resp @ scaled)
 
     def cov(self, x_t: Tensor, sigma: Any) -> Tensor:
         r"""Exact :math:`\operatorname{Cov}[x \mid x_t]` (law of total covariance).

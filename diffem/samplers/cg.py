@@ -28,9 +28,12 @@ Safeguard. Every element carries an *active* flag and every division is guarded:
    inspects each curvature :math:`\kappa_k = p_k^\top M p_k` and may replace implausible ones.
    MMPS checks that the Rayleigh quotient of :math:`\mathbb{V}` along :math:`w = A^\top p`,
    :math:`\rho = w^\top \mathbb{V} w / \lVert w \rVert^2`, lies in :math:`[v_{\min},
-   v_{\max}]`; otherwise it steps with :math:`p^\top \Sigma_y p + \tilde\rho \lVert w
-   \rVert^2`, where :math:`\tilde\rho` is a plausible positive value. A flagged element takes
-   that one step and then stops, since conjugacy is lost (as in truncated CG, Steihaug 1983).
+   v_{\max}]` (with :math:`w^\top \mathbb{V} w` taken from the covariance term of the
+   product, not as :math:`\kappa_k - p^\top \Sigma_y p`, which loses it to rounding when
+   :math:`\Sigma_y` dominates); otherwise it steps with
+   :math:`p^\top \Sigma_y p + \tilde\rho \lVert w \rVert^2`, where :math:`\tilde\rho` is a
+   plausible positive value. A flagged element takes that one step and then stops, since
+   conjugacy is lost (as in truncated CG, Steihaug 1983).
    Without a safeguard, an element with :math:`\kappa_k \le 0` (or a non-finite product) stops
    *before* stepping.
 2. **Convergence.** An element stops once :math:`\lVert r_k \rVert \le \text{rtol}\,

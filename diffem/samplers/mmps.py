@@ -47,9 +47,16 @@ class MMPS(PosteriorSampler):
     J^\top w` is a vector-Jacobian product (no Jacobian is ever formed). Shapes: ``x_t`` and
     :math:`\hat{x}` ``(B, D)``, ``y`` and ``u`` ``(B, M)``.
 
+    .. important::
+        Set ``sigma_data`` to the per-coordinate standard deviation of the data (see the
+        parameter below). The default 1 suits unit-scale data only; on data of another scale
+        the covariance safeguards fire even on an exact denoiser.
+
     Robustness. A learned denoiser's :math:`J` is not symmetric and, at high noise, not positive
     definite, so the "SPD" system may be indefinite. CG checks the Rayleigh quotients of
-    :math:`\mathbb{V}` along its search directions against
+    :math:`\mathbb{V}` along its search directions, :math:`w^\top \mathbb{V} w / \lVert w
+    \rVert^2` with :math:`w = A^\top p` (computed from the covariance term alone, not from the
+    total curvature :math:`p^\top (\Sigma_y + A \mathbb{V} A^\top) p`), against
     :math:`[v_{\min}, v_{\max}] = [\kappa_{\min} r_t^2, \kappa_{\max} r_t^2]`,
     :math:`r_t^2 = \sigma_t^2 \sigma_d^2 / (\sigma_t^2 + \sigma_d^2)` (the variance of
     :math:`x \mid x_t` under a :math:`\mathcal{N}(0, \sigma_d^2 I)` prior; the exact
@@ -80,7 +87,13 @@ class MMPS(PosteriorSampler):
         the heuristic :math:`r_t^2 I` or :math:`\sigma_t^2 I` (the paper's covariance
         ablation). The guidance always uses :math:`J^\top`.
     sigma_data : float
-        Data scale :math:`\sigma_d` of the heuristics and of the safeguard bounds.
+        Data scale :math:`\sigma_d` (per-coordinate standard deviation of :math:`x`) of the
+        heuristics and of the safeguard bounds. **It must match the scale of the data.**
+        :class:`diffem.DiffusionPriorEM` sets it from the observations; a standalone user must
+        set it. The bounds :math:`[v_{\min}, v_{\max}]` scale with :math:`r_t^2`, which
+        saturates at :math:`\sigma_d^2`: with the default 1 on data of scale ~10, the true
+        covariance of an exact denoiser exceeds :math:`v_{\max}` at high noise and the
+        safeguards (``cg_safeguarded``, ``clipped``) fire and bias the samples.
     cg_rtol : float
         Relative residual at which CG stops early.
     variance_bounds : (float, float)
@@ -169,16 +182,23 @@ class MMPS(PosteriorSampler):
         residual = y - operator.apply(x_hat.detach())
 
         if self.covariance == "jacobian":
+            # The covariance part A V A^T p of the last product, kept for the safeguard.
+            last: dict[str, Tensor] = {}
 
             def matvec(p: Tensor) -> Tensor:
                 w = operator.adjoint(p)
-                return var * p + operator.apply(s2 * vjp(x_hat, x_leaf, w))
+                last["cov"] = operator.apply(s2 * vjp(x_hat, x_leaf, w))
+                return var * p + last["cov"]
 
             def safeguard(p: Tensor, curvature: Tensor) -> tuple[Tensor, Tensor]:
                 w = operator.adjoint(p)
                 ww = _dot(w, w)
                 base = _dot(p, var * p)
-                rho = (curvature - base) / torch.where(ww > 0, ww, 1.0)
+                # Rayleigh quotient of V alone: w^T V w = p^T (A V A^T p), not the difference
+                # curvature - p^T Sigma_y p, in which the noise term swamps a small covariance
+                # term in float32 (low noise levels with sigma_y ~ 1).
+                quad = torch.where(torch.isfinite(curvature), _dot(p, last["cov"]), torch.nan)
+                rho = quad / torch.where(ww > 0, ww, 1.0)
                 low = ~(rho >= v_min) & (ww > 0)  # also NaN
                 high = (rho > v_max) & (ww > 0)
                 used = torch.where(low, base + fallback * ww, curvature)
