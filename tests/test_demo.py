@@ -52,3 +52,12 @@ def test_cli_help(capsys):
         main(["demo", "--help"])
     assert info.value.code == 0
     assert "--quick" in capsys.readouterr().out
+
+
+def test_config_sampler_options():
+    from diffem.demo import DemoConfig, build_estimator
+
+    default = build_estimator(DemoConfig.full(), verbose=0).sampler
+    assert (default.solver, default.cg_iter, default.steps) == ("ancestral", 1, 32)
+    custom = build_estimator(DemoConfig.quick(solver="dpmpp_2m", cg_iter=3), verbose=0).sampler
+    assert (custom.solver, custom.cg_iter, custom.steps) == ("dpmpp_2m", 3, 8)
