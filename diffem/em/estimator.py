@@ -166,11 +166,11 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         square of the Gaussian initialisation), its ``device`` to the estimator's, and its
         ``random_state`` (when ``None``) from ``random_state``.
     sampler : diffem.samplers.PosteriorSampler or None
-        The E-step's posterior sampler (cloned). ``None``: ``default_sampler()``, i.e.
-        ``MMPS(steps=32, cg_iter=3, solver="dpmpp_2m")``, which is at the sampling-noise floor
-        on exact Gaussian posteriors at a cost below the paper's 64 ancestral steps (see
-        :mod:`diffem.samplers.base`); first-order ancestral steps under-disperse the samples,
-        and EM compounds that bias over iterations. Its ``sigma_min`` and
+        The E-step's posterior sampler (cloned). ``None``: ``MMPS()`` (64 ancestral steps,
+        ``cg_iter=1``, as in the paper). The second-order solvers and more CG iterations are
+        closer to the exact posterior for an exact denoiser, but with a learned one they made
+        EM diverge on the manifold experiment (``benchmarks/results/manifold.md``), so they are
+        opt-in. Its ``sigma_min`` and
         ``sigma_max`` are set to the denoiser's and its ``sigma_data`` (if any) to the data
         scale, so that the schedules agree.
     n_iter : int, default=8
@@ -428,7 +428,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.sigma_data_ = scale if math.isfinite(scale) and scale > 0 else 1.0
 
         denoiser = MLPDenoiser() if self.denoiser is None else clone(self.denoiser)
-        sampler = default_sampler() if self.sampler is None else clone(self.sampler)
+        sampler = MMPS() if self.sampler is None else clone(self.sampler)
         params = denoiser.get_params(deep=False)
         new: dict[str, Any] = {}
         if "sigma_data" in params:
@@ -804,11 +804,6 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         super().__setstate__(state)
         if blob is not None and hasattr(self, "device_"):
             self._move_to(torch.device(self.device_))
-
-
-def default_sampler() -> MMPS:
-    """The E-step sampler used when ``sampler=None``: second-order MMPS (see the class doc)."""
-    return MMPS(steps=32, cg_iter=3, solver="dpmpp_2m")
 
 
 def _operator_alias(operator: Any, y: Any) -> Any:
