@@ -58,8 +58,13 @@ class VESchedule:
         log_min, log_max = math.log(self.sigma_min), math.log(self.sigma_max)
         return torch.exp(log_min + t * (log_max - log_min))
 
-    def discretize(self, steps: int, *, dtype: torch.dtype = torch.float64,
-                   device: torch.device | str | None = None) -> Tensor:
+    def discretize(
+        self,
+        steps: int,
+        *,
+        dtype: torch.dtype = torch.float64,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         r"""Decreasing noise levels for a ``steps``-step sampler, shape ``(steps + 1,)``.
 
         ``steps`` log-uniform levels from :math:`\sigma_{\max}` down to :math:`\sigma_{\min}`,
@@ -70,8 +75,13 @@ class VESchedule:
         t = torch.linspace(1.0, 0.0, steps, dtype=dtype, device=device)
         return torch.cat([self.sigma(t), torch.zeros(1, dtype=dtype, device=device)])
 
-    def sample_sigma(self, n: int, *, generator: torch.Generator | None = None,
-                     device: torch.device | str | None = None) -> Tensor:
+    def sample_sigma(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         r"""Training noise levels :math:`\sigma_t`, ``t ~ U(0, 1)``, shape ``(n,)``."""
         t = torch.rand(n, generator=generator, device=device)
         return self.sigma(t)
