@@ -77,6 +77,20 @@ def _check_psd_eig(
     return eigvals.clamp_min(0.0), eigvecs
 
 
+def _cached_eig(
+    cache: dict[Any, Any], matrix: Tensor, name: str, dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition of the symmetric ``(..., D, D)`` ``matrix``: computed (and checked
+    PSD) once in float64 under ``cache["eig64"]``, then cast and cached per dtype and device."""
+    if "eig64" not in cache:
+        cache["eig64"] = _check_psd_eig(matrix.to(torch.float64), name, matrix.dtype)
+    key = ("eig", dtype, str(device))
+    if key not in cache:
+        vals, vecs = cache["eig64"]
+        cache[key] = (vals.to(dtype=dtype, device=device), vecs.to(dtype=dtype, device=device))
+    return cache[key]
+
+
 class GaussianPrior:
     r"""Gaussian prior :math:`p(x) = \mathcal{N}(x; \mu, C)` with exact posteriors.
 
@@ -190,18 +204,7 @@ class GaussianPrior:
     # ------------------------------------------------------------------ caches
     def _eig(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Eigenvalues ``(D,)`` and eigenvectors ``(D, D)`` of the full covariance."""
-        if "eig64" not in self._cache:
-            self._cache["eig64"] = _check_psd_eig(
-                self.covariance.to(torch.float64), "cov", self.covariance.dtype
-            )
-        key = ("eig", dtype, str(device))
-        if key not in self._cache:
-            vals, vecs = self._cache["eig64"]
-            self._cache[key] = (
-                vals.to(dtype=dtype, device=device),
-                vecs.to(dtype=dtype, device=device),
-            )
-        return self._cache[key]
+        return _cached_eig(self._cache, self.covariance, "cov", dtype, device)
 
     def _f64(self) -> tuple[Tensor, Covariance]:
         """Float64 mean and covariance structure for exact computations."""

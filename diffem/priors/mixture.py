@@ -43,7 +43,7 @@ from diffem.priors._common import (
     rand,
     to_numpy,
 )
-from diffem.priors.gaussian import _check_psd_eig
+from diffem.priors.gaussian import _cached_eig, _check_psd_eig
 
 __all__ = ["GaussianMixturePrior"]
 
@@ -142,18 +142,7 @@ class GaussianMixturePrior:
     # ------------------------------------------------------------------ caches
     def _eig(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
         """Eigenvalues ``(K, D)`` and eigenvectors ``(K, D, D)`` of full covariances."""
-        if "eig64" not in self._cache:
-            self._cache["eig64"] = _check_psd_eig(
-                self.covs.to(torch.float64), "covs", self.covs.dtype
-            )
-        key = ("eig", dtype, str(device))
-        if key not in self._cache:
-            vals, vecs = self._cache["eig64"]
-            self._cache[key] = (
-                vals.to(dtype=dtype, device=device),
-                vecs.to(dtype=dtype, device=device),
-            )
-        return self._cache[key]
+        return _cached_eig(self._cache, self.covs, "covs", dtype, device)
 
     def _diag(self, dtype: torch.dtype, device: torch.device) -> Tensor:
         """Variances ``(K, D)`` (diagonal) or ``(K, 1)`` (isotropic)."""
