@@ -617,6 +617,14 @@ def main(argv: list[str] | None = None) -> None:
         diagnostics,
         "",
     ]
+    if args.out is not None:
+        figure_name = args.out.with_suffix(".png").name
+        lines += [
+            "First two coordinates of one problem's samples:",
+            "",
+            f"![samples]({figure_name})",
+            "",
+        ]
     text = "\n".join(lines)
     print(text)
     if args.out is not None:

@@ -86,7 +86,8 @@ def _include_benchmark_results(app, docname, source):
     for path in results:
         title = path.stem.replace("_", " ").replace("-", " ").capitalize()
         relative = Path("..") / path.relative_to(ROOT)
-        parts.append(f"\n\n## {title}\n\n```{{include}} {relative.as_posix()}\n```\n")
+        include = f"```{{include}} {relative.as_posix()}\n:relative-images:\n```"
+        parts.append(f"\n\n## {title}\n\n{include}\n")
     source[0] += "".join(parts)
 
 
