@@ -41,6 +41,7 @@ from sklearn.utils.validation import check_is_fitted
 from skorch.callbacks import Callback
 from torch import Tensor
 
+from diffem._device import loadable_device
 from diffem.denoisers import DivergenceError, MLPDenoiser
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
 from diffem.em.evidence import importance_log_evidence
@@ -792,15 +793,15 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         saved = state.pop("_saved_device", "cpu")
         if blob is not None:
             state.update(_loads(blob))
-            device = torch.device(saved)
-            if device.type == "cuda" and not torch.cuda.is_available():
+            device = loadable_device(saved)
+            if device != torch.device(saved):
                 warnings.warn(
                     f"this DiffusionPriorEM was fitted on {saved}, which is unavailable; it "
                     "was loaded on the CPU.",
                     UserWarning,
                     stacklevel=2,
                 )
-                state["device_"] = torch.device("cpu")
+                state["device_"] = device
         super().__setstate__(state)
         if blob is not None and hasattr(self, "device_"):
             self._move_to(torch.device(self.device_))

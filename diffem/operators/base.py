@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffem._device import loadable_device
+
 __all__ = [
     "Operator",
     "as_noise_std",
@@ -389,9 +391,7 @@ class Operator:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        device = torch.device(state.pop("_device", "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            device = torch.device("cpu")
+        device = loadable_device(state.pop("_device", "cpu"))
         self.__dict__.update(state)
         for name in (*self._tensors(), *self._buffers):
             setattr(self, name, getattr(self, name).to(device))

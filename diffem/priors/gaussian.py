@@ -41,7 +41,6 @@ from diffem.priors._common import (
     Covariance,
     FullCovariance,
     LowRankCovariance,
-    ObservationSet,
     as_float_tensor,
     as_sigma,
     check_finite,
@@ -52,6 +51,7 @@ from diffem.priors._common import (
     matheron,
     to_numpy,
 )
+from diffem.priors.base import AnalyticPrior
 
 __all__ = ["GaussianPrior"]
 
@@ -91,7 +91,7 @@ def _cached_eig(
     return cache[key]
 
 
-class GaussianPrior:
+class GaussianPrior(AnalyticPrior):
     r"""Gaussian prior :math:`p(x) = \mathcal{N}(x; \mu, C)` with exact posteriors.
 
     It is the EM initialisation of Rozet et al. (2024) and the ground truth that posterior
@@ -111,6 +111,8 @@ class GaussianPrior:
     return NumPy arrays of ``dtype``. Use :meth:`low_rank` for
     :math:`C = F F^\top + \operatorname{diag}(d)` at large ``D``.
     """
+
+    _parameters = ("mean", "covariance", "factor", "diag")
 
     def __init__(self, mean: Any, cov: Any) -> None:
         mean_t = as_float_tensor(mean, "mean")
@@ -286,9 +288,6 @@ class GaussianPrior:
         return to_numpy(self._sample_torch(n_samples, generator), self.dtype)
 
     # ------------------------------------------------------------------ posteriors
-    def _observations(self, Y: Any, operator: Operator) -> ObservationSet:
-        return ObservationSet(Y, operator, self.n_features, self.device)
-
     def _posterior_torch(
         self, Y: Any, operator: Operator, *, need_cov: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -323,13 +322,6 @@ class GaussianPrior:
             out.append(draws.to(self.dtype))
         return torch.cat(out)
 
-    def _posterior_mean_torch(self, Y: Any, operator: Operator) -> Tensor:
-        return self._posterior_torch(Y, operator)[0].to(self.dtype)
-
-    def _log_evidence_torch(self, Y: Any, operator: Operator) -> Tensor:
-        """Float64 log-evidences ``(n,)``."""
-        return self._posterior_torch(Y, operator)[1]
-
     def sample_posterior(
         self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
     ):
@@ -359,31 +351,3 @@ class GaussianPrior:
         return to_numpy(self._log_evidence_torch(Y, operator), self.dtype)
 
     # ------------------------------------------------------------------ device, pickling
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> GaussianPrior:
-        """A copy with parameters on ``device`` and cast to ``dtype``."""
-        new = self.__class__.__new__(self.__class__)
-        for name in ("mean", "covariance", "factor", "diag"):
-            value = getattr(self, name)
-            setattr(new, name, None if value is None else value.to(device=device, dtype=dtype))
-        new._cache = {}
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k != "_cache"}
-        state["_device"] = str(self.device)
-        for name in ("mean", "covariance", "factor", "diag"):
-            if state.get(name) is not None:
-                state[name] = state[name].cpu()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        device = torch.device(state.pop("_device", "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            device = torch.device("cpu")
-        self.__dict__.update(state)
-        for name in ("mean", "covariance", "factor", "diag"):
-            if getattr(self, name, None) is not None:
-                setattr(self, name, getattr(self, name).to(device))
-        self._cache = {}

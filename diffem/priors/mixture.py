@@ -43,12 +43,13 @@ from diffem.priors._common import (
     rand,
     to_numpy,
 )
+from diffem.priors.base import AnalyticPrior
 from diffem.priors.gaussian import _cached_eig, _check_psd_eig
 
 __all__ = ["GaussianMixturePrior"]
 
 
-class GaussianMixturePrior:
+class GaussianMixturePrior(AnalyticPrior):
     r"""Gaussian mixture prior :math:`\sum_k w_k \mathcal{N}(\mu_k, C_k)` with exact posteriors.
 
     Parameters
@@ -64,6 +65,8 @@ class GaussianMixturePrior:
     float64 and user-facing methods return NumPy arrays of ``dtype``. The denoiser
     ``prior(x_t, sigma)`` and :meth:`cov` work in ``x_t``'s dtype and are differentiable.
     """
+
+    _parameters = ("weights", "means", "covs")
 
     def __init__(self, weights: Any, means: Any, covs: Any) -> None:
         means_t = as_float_tensor(means, "means")
@@ -308,9 +311,6 @@ class GaussianMixturePrior:
         return to_numpy(self._sample_torch(n_samples, generator), self.dtype)
 
     # ------------------------------------------------------------------ posteriors
-    def _observations(self, Y: Any, operator: Operator) -> ObservationSet:
-        return ObservationSet(Y, operator, self.n_features, self.device)
-
     def _chunks(self, obs: ObservationSet, extra: int = 0):
         return obs.chunks(factor=2 * self.n_components + 2 + extra)
 
@@ -361,13 +361,6 @@ class GaussianMixturePrior:
             out.append(draws.reshape(b, n_samples, -1).to(self.dtype))
         return torch.cat(out)
 
-    def _posterior_mean_torch(self, Y: Any, operator: Operator) -> Tensor:
-        return self._posterior_torch(Y, operator)[0].to(self.dtype)
-
-    def _log_evidence_torch(self, Y: Any, operator: Operator) -> Tensor:
-        """Float64 log-evidences ``(n,)``."""
-        return self._posterior_torch(Y, operator)[1]
-
     def sample_posterior(
         self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
     ):
@@ -393,33 +386,6 @@ class GaussianMixturePrior:
         return to_numpy(self._posterior_torch(Y, operator)[2], self.dtype)
 
     # ------------------------------------------------------------------ device, pickling
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> GaussianMixturePrior:
-        """A copy with parameters on ``device`` and cast to ``dtype``."""
-        new = self.__class__.__new__(self.__class__)
-        new.weights = self.weights.to(device=device, dtype=dtype)
-        new.means = self.means.to(device=device, dtype=dtype)
-        new.covs = self.covs.to(device=device, dtype=dtype)
-        new.cov_type = self.cov_type
-        new._cache = {}
-        return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k != "_cache"}
-        state["_device"] = str(self.device)
-        for name in ("weights", "means", "covs"):
-            state[name] = state[name].cpu()
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        device = torch.device(state.pop("_device", "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            device = torch.device("cpu")
-        self.__dict__.update(state)
-        for name in ("weights", "means", "covs"):
-            setattr(self, name, getattr(self, name).to(device))
-        self._cache = {}
 
 
 def _categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
