@@ -30,7 +30,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["EDMPreconditioning", "VESchedule"]
+__all__ = ["EDMPreconditioning", "VESchedule", "gaussian_variance"]
+
+
+def gaussian_variance(sigma: Tensor, sigma_data: float) -> Tensor:
+    r""":math:`r_\sigma^2 = \sigma^2 \sigma_d^2 / (\sigma^2 + \sigma_d^2)`, the variance of
+    :math:`x \mid x_\sigma` under the prior :math:`x \sim \mathcal{N}(0, \sigma_d^2 I)` (and the
+    EDM :math:`c_{\text{out}}^2`); same shape as ``sigma``."""
+    s2 = sigma**2
+    return s2 * sigma_data**2 / (s2 + sigma_data**2)
 
 
 @dataclass(frozen=True)

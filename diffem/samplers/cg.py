@@ -45,6 +45,13 @@ Safeguard. Every element carries an *active* flag and every division is guarded:
 
 All reductions are per element (over the last dimension), so a non-finite product in one element
 never reaches another.
+
+Image of the solution. When ``matvec`` returns a pair :math:`(M p, B p)` for a second linear map
+:math:`B`, CG also accumulates :math:`B u = \sum_k \alpha_k B p_k` with its own step sizes, at
+no extra product. MMPS uses it for the guidance :math:`\sigma_t^2 J^\top A^\top u`: with
+:math:`M = \Sigma_y + A \sigma_t^2 J^\top A^\top` each product already computes
+:math:`B p = \sigma_t^2 J^\top A^\top p`, so ``k`` iterations cost ``k`` vector-Jacobian
+products instead of ``k + 1``.
 """
 
 from __future__ import annotations
@@ -69,6 +76,8 @@ class CGResult(NamedTuple):
     """``(B,)`` number of steps taken by each element."""
     safeguarded: Tensor
     """``(B,)`` bool: whether a curvature safeguard stopped the element."""
+    image: Tensor | None = None
+    """``(B, n)`` :math:`B u` when ``matvec`` returns ``(M p, B p)``, else ``None``."""
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
@@ -76,7 +85,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def conjugate_gradient(
-    matvec: Callable[[Tensor], Tensor],
+    matvec: Callable[[Tensor], Tensor | tuple[Tensor, Tensor]],
     b: Tensor,
     *,
     max_iter: int,
@@ -88,7 +97,8 @@ def conjugate_gradient(
     Parameters
     ----------
     matvec : callable
-        ``p -> M p`` on ``(B, m)`` tensors, row by row.
+        ``p -> M p`` on ``(B, m)`` tensors, row by row, or ``p -> (M p, B p)`` with ``B p`` of
+        shape ``(B, n)``, whose image ``B u`` of the solution is then accumulated.
     b : Tensor, shape ``(B, m)``
         Right-hand sides.
     max_iter : int
@@ -104,7 +114,8 @@ def conjugate_gradient(
     Returns
     -------
     CGResult
-        ``solution (B, m)``, ``residual (B,)``, ``iterations (B,)``, ``safeguarded (B,)``.
+        ``solution (B, m)``, ``residual (B,)``, ``iterations (B,)``, ``safeguarded (B,)``,
+        ``image (B, n)`` or ``None``.
     """
     if b.ndim != 2:
         raise ValueError(f"b must have shape (B, m), got {tuple(b.shape)}.")
@@ -121,11 +132,17 @@ def conjugate_gradient(
     iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     safeguarded = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
     tiny = torch.finfo(b.dtype).tiny
+    image: Tensor | None = None
 
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         mp = matvec(p)
+        bp = None
+        if isinstance(mp, tuple):
+            mp, bp = mp
+            if image is None:
+                image = torch.zeros_like(bp)
         mp_finite = torch.isfinite(mp).all(dim=-1)
         mp = torch.where(mp_finite.unsqueeze(-1), mp, torch.zeros_like(mp))
         curvature = _dot(p, mp)
@@ -144,6 +161,10 @@ def conjugate_gradient(
         r_new = torch.where(mp_finite.unsqueeze(-1), r - alpha.unsqueeze(-1) * mp, r)
         valid = torch.isfinite(u_new).all(dim=-1) & torch.isfinite(r_new).all(dim=-1)
         ok = ok & valid
+        if bp is not None:
+            image_new = image + alpha.unsqueeze(-1) * torch.where(ok.unsqueeze(-1), bp, 0.0)
+            ok = ok & torch.isfinite(image_new).all(dim=-1)
+            image = torch.where(ok.unsqueeze(-1), image_new, image)
         u = torch.where(ok.unsqueeze(-1), u_new, u)
         r = torch.where(ok.unsqueeze(-1), r_new, r)
         rr_new = torch.where(ok, _dot(r, r), rr)
@@ -159,4 +180,4 @@ def conjugate_gradient(
     norm_b = torch.sqrt(_dot(b, b))
     norm_r = torch.sqrt(_dot(r, r))
     residual = torch.where(norm_b > 0, norm_r / torch.where(norm_b > 0, norm_b, 1.0), 0.0)
-    return CGResult(u, residual, iterations, safeguarded)
+    return CGResult(u, residual, iterations, safeguarded, image)

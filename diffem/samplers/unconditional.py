@@ -1,36 +1,30 @@
-r"""Prior sampling with the ancestral DDPM / DDIM sampler."""
+r"""Prior sampling with the solvers of :mod:`diffem.samplers.solvers`."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from diffem.samplers.base import Sampler, _check_int, _resolve_dtype_device
+from diffem._validation import check_int
+from diffem.samplers.base import Sampler, resolve_dtype_device, sampler_class
+from diffem.samplers.guidance import Denoiser
 
 __all__ = ["Unconditional"]
 
 
+@sampler_class
 class Unconditional(Sampler):
     r"""Samples the prior :math:`q(x)` of a denoiser.
 
-    With ``solver="ancestral"`` (the default), starting from :math:`x_T \sim \mathcal{N}(0,
+    With ``solver="ancestral"`` (the default), from :math:`x_T \sim \mathcal{N}(0,
     \sigma_{\max}^2 I)`, each step :math:`\sigma_t \to \sigma_s` is
-
-    .. math::
-        x_s = \hat{x} + \sqrt{\sigma_s^2 - \tau^2} \, \frac{x_t - \hat{x}}{\sigma_t} + \tau z,
-        \quad \tau = \eta \sigma_s \sqrt{1 - \sigma_s^2 / \sigma_t^2},
-        \quad \hat{x} = E[x \mid x_t],
-
-    i.e. DDPM (Ho et al., 2020, "Denoising Diffusion Probabilistic Models") for ``eta=1`` and
-    DDIM (Song, Meng & Ermon, 2021, "Denoising Diffusion Implicit Models") for ``eta=0``, on the
-    variance-exploding process. ``corrector_steps > 0`` adds Langevin corrector steps
-    (predictor-corrector sampling, Song et al., 2021). ``solver="heun"`` is EDM's second-order
-    Heun sampler (Karras et al., 2022, algorithms 1 and 2) and ``solver="dpmpp_2m"`` the
-    second-order multistep DPM-Solver++(2M) (Lu et al., 2022), both more accurate per
-    denoiser evaluation (:class:`diffem.samplers.base.Sampler`).
+    :math:`x_s = c \, x_t + (1 - c) \hat{x} + \tau z`, :math:`\hat{x} = E[x \mid x_t]`: DDPM
+    (Ho et al., 2020) for ``eta=1`` and DDIM (Song, Meng & Ermon, 2021) for ``eta=0``, on the
+    variance-exploding process; ``solver="heun"`` is EDM's second-order sampler (Karras et al.,
+    2022) and ``solver="dpmpp_2m"`` DPM-Solver++(2M) (Lu et al., 2022), both more accurate per
+    evaluation (:mod:`diffem.samplers.solvers`, :mod:`diffem.samplers.base`).
 
     Parameters
     ----------
@@ -44,32 +38,9 @@ class Unconditional(Sampler):
         last call.
     """
 
-    def __init__(
-        self,
-        steps: int = 64,
-        eta: float = 1.0,
-        *,
-        solver: str = "ancestral",
-        sigma_min: float = 1e-3,
-        sigma_max: float = 1e2,
-        batch_size: int = 4096,
-        corrector_steps: int = 0,
-        corrector_snr: float = 0.1,
-        verbose: int = 0,
-    ) -> None:
-        self.steps = steps
-        self.eta = eta
-        self.solver = solver
-        self.sigma_min = sigma_min
-        self.sigma_max = sigma_max
-        self.batch_size = batch_size
-        self.corrector_steps = corrector_steps
-        self.corrector_snr = corrector_snr
-        self.verbose = verbose
-
     def sample(
         self,
-        denoiser: Callable[[Tensor, Tensor], Tensor],
+        denoiser: Denoiser,
         n_samples: int,
         n_features: int,
         generator: torch.Generator | None = None,
@@ -88,9 +59,9 @@ class Unconditional(Sampler):
                 "denoiser must be a callable denoiser(x_t, sigma) -> E[x | x_t], got "
                 f"{type(denoiser).__name__}."
             )
-        n = _check_int(n_samples, "n_samples", 1)
-        d = _check_int(n_features, "n_features", 1)
-        dtype, dev = _resolve_dtype_device(denoiser, dtype, device)
+        n = check_int(n_samples, "n_samples", 1)
+        d = check_int(n_features, "n_features", 1)
+        dtype, dev = resolve_dtype_device(denoiser, dtype, device)
         start = time.perf_counter()
 
         def mean_fn(x_t: Tensor, sigma: Tensor, weight: Tensor | None, k: int) -> Tensor:
@@ -99,7 +70,7 @@ class Unconditional(Sampler):
 
         x = self._run(mean_fn, n, d, dtype, dev, generator)
         self.diagnostics_ = {
-            "evaluations": float(self._evaluations),
+            "evaluations": float(self.evaluations_),
             "wall_time": float(time.perf_counter() - start),
         }
         return x.detach()
