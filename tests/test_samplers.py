@@ -18,6 +18,7 @@ from diffem.priors import GaussianMixturePrior, GaussianPrior
 from diffem.samplers import (
     DPS,
     MMPS,
+    SMC,
     TMPD,
     PiGDM,
     Unconditional,
@@ -416,6 +417,9 @@ WILD_SAMPLERS = [
     PiGDM(steps=8, solver="heun", eta=0.0),
     TMPD(steps=8, solver="heun"),
     TMPD(steps=12, solver="dpmpp_2m"),
+    SMC(steps=12, particles=4, cg_iter=2),
+    SMC(steps=12, particles=3, cg_iter=1, solver="dpmpp_2m", ess_threshold=1.0),
+    SMC(steps=8, particles=4, covariance="gaussian", resampling="multinomial"),
 ]
 
 
@@ -560,3 +564,142 @@ def test_mmps_safeguards_inactive_on_exact_mixture_with_small_sigma_t() -> None:
     assert torch.isfinite(out).all()
     assert sampler.diagnostics_["cg_safeguarded"] == 0
     assert sampler.diagnostics_["clipped"] == 0
+
+
+# ---------------------------------------------------------------------------- cost in VJPs
+class _CountingDenoiser:
+    """An exact prior whose output counts the backward passes (vector-Jacobian products)."""
+
+    def __init__(self, prior: GaussianPrior) -> None:
+        self.prior, self.vjps, self.forwards = prior, 0, 0
+
+    def __call__(self, x_t: Tensor, sigma: Tensor) -> Tensor:
+        self.forwards += 1
+        out = self.prior(x_t, sigma)
+        if out.requires_grad:
+
+            def hook(grad: Tensor) -> Tensor:
+                self.vjps += 1
+                return grad
+
+            out.register_hook(hook)
+        return out
+
+
+@pytest.mark.parametrize("cg_iter", [1, 2, 5])
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+def test_mmps_takes_k_vjps_for_k_cg_iterations(cg_iter: int, kind: str) -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, kind, 32)
+    denoiser = _CountingDenoiser(prior)
+    steps = 6
+    MMPS(steps=steps, cg_iter=cg_iter, cg_rtol=0.0).sample(denoiser, Y, op)
+    assert denoiser.forwards == steps  # one forward pass with graph per step
+    assert denoiser.vjps == cg_iter * steps
+
+
+def test_guidance_of_accumulated_image_equals_explicit_vjp() -> None:
+    # cg_iter = k with the image accumulated inside CG gives the same sample as computing
+    # sigma^2 J^T A^T u with one more VJP (the covariance "jacobian" vs an explicit product).
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "dense", 64)
+    sampler = MMPS(steps=8, cg_iter=3)
+    x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+    guidance = sampler.guidance()
+    x_t = 2.0 * torch.randn(64, D, generator=torch.Generator().manual_seed(1), dtype=F64)
+    sigma = torch.full((64,), 0.7, dtype=F64)
+    guided = guidance(prior, x_t, sigma, None, op.prepare(Y), op, {})
+    x_leaf = x_t.clone().requires_grad_()
+    x_hat = prior(x_leaf, sigma)
+
+    def matvec(p: Tensor) -> Tensor:
+        (jtw,) = torch.autograd.grad(x_hat, x_leaf, op.adjoint(p), retain_graph=True)
+        return op.noise_var * p + op.apply(0.49 * jtw)
+
+    rhs = op.prepare(Y) - op.apply(x_hat.detach())
+    u = conjugate_gradient(matvec, rhs, max_iter=3).solution
+    (jtw,) = torch.autograd.grad(x_hat, x_leaf, op.adjoint(u))
+    torch.testing.assert_close(guided.delta, 0.49 * jtw, rtol=1e-8, atol=1e-10)
+    assert torch.isfinite(x).all()
+
+
+# ---------------------------------------------------------------------------- SMC
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+def test_smc_matches_exact_gaussian_posterior(kind: str) -> None:
+    # The defaults: one CG iteration (a biased proposal and twisting function, 2.5-4x the
+    # floor's covariance error as MMPS) corrected by the weights of 16 particles.
+    n = 1000
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, kind, n)
+    m, P = _exact_posterior(prior, Y, op)
+    sampler = SMC(steps=64, particles=16, cg_iter=1)
+    x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (n, D) and x.dtype == F64 and not x.requires_grad
+    zscore, frob = _moment_errors(_whiten(x, m, P))
+    assert zscore < Z_BOUND
+    assert frob < _frobenius_bound(n, D), frob
+    ess = sampler.ess_
+    assert ess.shape == (n,) and ((ess >= 1 - 1e-9) & (ess <= 16 + 1e-9)).all()
+    assert sampler.resamples_.shape == (n,) and sampler.diagnostics_["resamples"] > 0
+
+
+def _mode_calibration(samples: Tensor, means: Tensor, weights: Tensor) -> tuple[float, float]:
+    r"""Excess of :math:`E \lVert e_L - w \rVert^2` over its exact value :math:`1 - \sum_k w_k^2`
+    (``L`` the sample's mode, ``w`` the exact posterior mode weights), and its standard error.
+
+    For a sampler with mode probabilities ``p`` the excess is :math:`\lVert p - w \rVert^2 \ge 0`,
+    averaged over observations; it is 0 exactly when the mode weights are right."""
+    labels = torch.cdist(samples, means).argmin(dim=-1)
+    onehot = torch.nn.functional.one_hot(labels, means.shape[0]).to(weights.dtype)
+    excess = ((onehot - weights) ** 2).sum(-1) - (1 - (weights**2).sum(-1))
+    return excess.mean().item(), excess.std().item() / math.sqrt(len(excess))
+
+
+def test_smc_mixture_error_falls_with_particles() -> None:
+    d, n = 4, 600
+    means = torch.tensor(
+        [[-2.0, -2.0, 0.0, 0.0], [2.0, 2.0, 0.0, 0.0], [0.0, 0.0, 3.0, -3.0]], dtype=F64
+    )
+    prior = GaussianMixturePrior(
+        torch.tensor([0.3, 0.5, 0.2], dtype=F64), means, torch.full((3,), 0.25, dtype=F64)
+    )
+    g = torch.Generator().manual_seed(3)
+    x = torch.as_tensor(prior.sample(n, generator=3), dtype=F64)
+    # One random projection with moderate noise: bimodal posteriors whose mode weights the
+    # Gaussian approximation of MMPS gets wrong.
+    op = Dense(torch.randn(n, 1, d, generator=g, dtype=F64) / 2, noise_std=0.3)
+    Y = op.apply(x) + 0.3 * torch.randn(n, 1, generator=g, dtype=F64)
+    weights = torch.as_tensor(prior.posterior_weights(Y, op), dtype=F64)
+    errors = {}
+    for particles in (1, 8, 48):
+        sampler = SMC(steps=48, particles=particles, cg_iter=1, sigma_data=2.0)
+        samples = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+        errors[particles] = _mode_calibration(samples, means, weights)
+    (e1, s1), (e8, s8), (e48, s48) = errors[1], errors[8], errors[48]
+    # K = 1 is MMPS: a real bias, many standard errors away from 0.
+    assert e1 > 4 * s1, errors
+    # The error falls with K and is consistent with 0 (no bias left) at K = 48.
+    assert e8 < e1 - 3 * math.hypot(s1, s8), errors
+    assert e48 < e8 + 3 * math.hypot(s8, s48), errors
+    assert abs(e48) < 4 * s48, errors
+
+
+def test_smc_draws_and_validation() -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "mask", 12)
+    sampler = SMC(steps=6, particles=5, batch_size=20)
+    draws = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0), n_samples=3)
+    assert draws.shape == (12, 3, D) and torch.isfinite(draws).all()
+    again = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0), n_samples=3)
+    assert torch.equal(draws, again)
+    assert clone(SMC(particles=7)).get_params()["particles"] == 7
+    for bad, match in [
+        ({"particles": 0}, "particles"),
+        ({"eta": 0.0}, "eta"),
+        ({"solver": "heun"}, "solver"),
+        ({"ess_threshold": 1.5}, "ess_threshold"),
+        ({"resampling": "stratified"}, "resampling"),
+        ({"corrector_steps": 1}, "corrector_steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SMC(steps=4, **bad).sample(prior, Y, op)
