@@ -178,8 +178,11 @@ def test_history(diffusion) -> None:
         for key in ("e_step_seconds", "m_step_seconds", "train_loss", "gaussian_log_evidence"):
             assert np.isfinite(record[key]) and (record[key] >= 0 or key != "e_step_seconds")
         assert record["n_epochs"] == 40
-        assert "sampler_cg_residual" in record and "sampler_wall_time" in record
         assert 0 < record["sample_std"] < 3
+    # The first E-step samples the Gaussian initialisation's exact posterior.
+    assert history[0]["e_step_exact"] and "sampler_cg_residual" not in history[0]
+    assert not history[1]["e_step_exact"]
+    assert "sampler_cg_residual" in history[1] and "sampler_wall_time" in history[1]
     assert not diffusion.interrupted_ and diffusion.resumed_from_ is None
     assert diffusion.device_ == torch.device("cpu") and diffusion.n_features_in_ == D
     # the network's own training history covers both M-steps
@@ -350,7 +353,7 @@ def test_verbose_output(problem: Problem, capfd: pytest.CaptureFixture[str]) -> 
     tiny_estimator(verbose=1).fit(Y, op)
     err = capfd.readouterr().err
     assert "DiffusionPriorEM" in err and "1/1" in err and "MMPS" not in err
-    tiny_estimator(verbose=2).fit(Y, op)
+    tiny_estimator(verbose=2, n_iter=2).fit(Y, op)  # the first E-step is exact
     err = capfd.readouterr().err
     assert "DiffusionPriorEM" in err and "M-step" in err and "MMPS" in err
 
@@ -384,3 +387,30 @@ def test_longer_diffusion_em_is_accurate(problem: Problem) -> None:
     Y, op = problem.test
     truth = float(problem.truth.log_evidence(Y, op).mean())
     assert abs(est.score(Y, op) - truth) < 0.2
+
+
+def test_first_e_step_is_the_exact_gaussian_posterior(problem: Problem) -> None:
+    Y, op = problem.Y[:200], problem.op[:200]
+    captured = {}
+
+    def callback(estimator, record) -> None:
+        if record.get("iteration") == 1:
+            captured["std"] = record["sample_std"]
+
+    est = tiny_estimator(random_state=0, callback=callback).fit(Y, op)
+    assert est.history_[0]["e_step_exact"]
+    # The exact posterior samples' spread equals that of exact draws from the same prior.
+    exact = est.gaussian_prior_.sample_posterior(Y, op, generator=1)[:, 0]
+    assert abs(captured["std"] - float(exact.std(axis=0).mean())) < 0.05
+
+
+def test_smc_is_a_drop_in_e_step_sampler(problem: Problem) -> None:
+    from diffem.samplers import SMC
+
+    Y, op = problem.Y[:100], problem.op[:100]
+    est = tiny_estimator(n_iter=2, sampler=SMC(steps=4, particles=3), random_state=0).fit(Y, op)
+    record = est.history_[1]
+    assert 1.0 <= record["sampler_ess"] <= 3.0 and record["sampler_resamples"] >= 0
+    assert est.sampler_.sigma_data == est.sigma_data_
+    posterior = est.sample_posterior(Y[:3], op[:3], n_samples=2, random_state=0)
+    assert posterior.shape == (3, 2, D) and np.isfinite(posterior).all()

@@ -195,26 +195,26 @@ class TestValidation:
 
 
 # ---------------------------------------------------------------------- interruption
-def _patch_sampler(monkeypatch: pytest.MonkeyPatch, fail_at: int, exc: BaseException | None):
-    """Makes the ``fail_at``-th call of MMPS.sample raise ``exc`` (or return NaN if None)."""
+def _patch_e_step(monkeypatch: pytest.MonkeyPatch, fail_at: int, exc: BaseException | None):
+    """Makes the ``fail_at``-th E-step raise ``exc`` (or return NaN if None)."""
     calls = {"n": 0}
-    original = MMPS.sample
+    original = DiffusionPriorEM._e_step
 
-    def sample(self, denoiser, Y, operator, generator=None):
+    def e_step(self, Y, operator, generator):
         calls["n"] += 1
         if calls["n"] == fail_at:
             if exc is None:
                 return torch.full((Y.shape[0], operator.n_features), float("nan"))
             raise exc
-        return original(self, denoiser, Y, operator, generator=generator)
+        return original(self, Y, operator, generator)
 
-    monkeypatch.setattr(MMPS, "sample", sample)
+    monkeypatch.setattr(DiffusionPriorEM, "_e_step", e_step)
     return calls
 
 
 def test_keyboard_interrupt_in_e_step(monkeypatch, data, reference_one_iteration) -> None:
     Y, op = data
-    _patch_sampler(monkeypatch, fail_at=2, exc=KeyboardInterrupt())
+    _patch_e_step(monkeypatch, fail_at=2, exc=KeyboardInterrupt())
     est = tiny_estimator(n_iter=3)
     with pytest.warns(UserWarning, match="interrupted during EM iteration 2"):
         assert est.fit(Y, op) is est
@@ -261,7 +261,7 @@ def test_ctrl_c_during_m_step_restores_weights(data, reference_one_iteration) ->
 
 def test_interrupt_in_first_iteration_gives_gaussian(monkeypatch, data) -> None:
     Y, op = data
-    _patch_sampler(monkeypatch, fail_at=1, exc=KeyboardInterrupt())
+    _patch_e_step(monkeypatch, fail_at=1, exc=KeyboardInterrupt())
     with pytest.warns(UserWarning, match="interrupted during EM iteration 1"):
         est = tiny_estimator(n_iter=2).fit(Y, op)
     assert est.n_iter_ == 0 and est.history_ == [] and est.interrupted_
@@ -302,7 +302,7 @@ def test_divergence_restores_last_good_iteration(data) -> None:
 
 def test_divergence_error_is_a_runtime_error(monkeypatch, data) -> None:
     Y, op = data
-    _patch_sampler(monkeypatch, fail_at=2, exc=None)  # the E-step returns NaN
+    _patch_e_step(monkeypatch, fail_at=2, exc=None)  # the E-step returns NaN
     est = tiny_estimator(n_iter=2)
     with pytest.raises(RuntimeError, match="non-finite samples"):
         est.fit(Y, op)
@@ -325,13 +325,13 @@ def test_checkpoint_every_iteration_and_resume(monkeypatch, tmp_path: Path, data
     Y, op = data
     uninterrupted = tiny_estimator(n_iter=3).fit(Y, op)
     # a fit interrupted at iteration 3 leaves the checkpoint of iteration 2
-    calls = _patch_sampler(monkeypatch, fail_at=3, exc=KeyboardInterrupt())
+    calls = _patch_e_step(monkeypatch, fail_at=3, exc=KeyboardInterrupt())
     with pytest.warns(UserWarning, match="interrupted"):
         tiny_estimator(n_iter=3, checkpoint_dir=tmp_path).fit(Y, op)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["em_iter0002.joblib"]
     monkeypatch.undo()
     # a new estimator with the same settings resumes: only iteration 3 runs
-    calls = _patch_sampler(monkeypatch, fail_at=0, exc=None)
+    calls = _patch_e_step(monkeypatch, fail_at=0, exc=None)
     resumed = tiny_estimator(n_iter=3, checkpoint_dir=tmp_path).fit(Y, op)
     assert calls["n"] == 1
     assert resumed.resumed_from_ == 2 and resumed.n_iter_ == 3 and len(resumed.history_) == 3

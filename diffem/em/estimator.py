@@ -479,17 +479,20 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         backup = copy.deepcopy(network) if self.n_iter_ > 0 else None
         record: dict[str, Any] = {"iteration": k + 1}
         try:
-            # E-step: x_i ~ q_k(x | y_i), one sample per observation.
+            # E-step: x_i ~ q_k(x | y_i), one sample per observation; exact (Matheron's rule)
+            # while the prior is the Gaussian initialisation.
             tic = time.perf_counter()
-            denoiser = self.gaussian_prior_.to(self.device_) if self.n_iter_ == 0 else network
             generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
-            X = self._posterior_samples(denoiser, Y, op, generator)
+            X = self._e_step(Y, op, generator)
             record["e_step_seconds"] = time.perf_counter() - tic
+            record["e_step_exact"] = self.n_iter_ == 0
             if not bool(torch.isfinite(X).all()):
                 raise DivergenceError(
                     f"the E-step of EM iteration {k + 1} produced non-finite samples."
                 )
-            record.update({f"sampler_{key}": value for key, value in self._diagnostics().items()})
+            if self.n_iter_ > 0:
+                diagnostics = self._diagnostics()
+                record.update({f"sampler_{key}": value for key, value in diagnostics.items()})
             record["sample_mean"] = float(X.mean())
             record["sample_std"] = float(X.std(dim=0).mean()) if len(X) > 1 else 0.0
             # M-step: denoising score matching on the samples, warm-started.
@@ -575,6 +578,27 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             y = Y[rows].to(device=self.device_, dtype=torch.float32)
             sub = op[rows].to(device=self.device_, dtype=torch.float32)
             x = self.sampler_.sample(denoiser, y, sub, generator=generator)
+            out.append(x.detach().to("cpu", torch.float32))
+        return torch.cat(out)
+
+    def _e_step(self, Y: Tensor, op: Operator, generator: torch.Generator) -> Tensor:
+        """One sample of the current prior's posterior per row of ``Y``: exact for the Gaussian
+        initialisation, with ``sampler_`` for a diffusion prior; float32 CPU ``(n, D)``."""
+        if self.n_iter_ == 0:
+            return self._exact_posterior_samples(Y, op, generator)
+        return self._posterior_samples(self._network, Y, op, generator)
+
+    def _exact_posterior_samples(
+        self, Y: Tensor, op: Operator, generator: torch.Generator
+    ) -> Tensor:
+        """One exact sample of the Gaussian initialisation's posterior per row of ``Y``, in
+        chunks of ``batch_size`` on the device; a float32 CPU tensor ``(n, D)``."""
+        prior = self.gaussian_prior_.to(self.device_)
+        step, out = int(self.batch_size), []
+        for start in range(0, len(Y), step):
+            rows = slice(start, min(len(Y), start + step))
+            y, sub = Y[rows].to(self.device_), op[rows].to(self.device_)
+            x = prior._sample_posterior_torch(y, sub, 1, generator)[:, 0]
             out.append(x.detach().to("cpu", torch.float32))
         return torch.cat(out)
 
