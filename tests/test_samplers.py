@@ -703,3 +703,24 @@ def test_smc_draws_and_validation() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             SMC(steps=4, **bad).sample(prior, Y, op)
+
+
+def test_warm_start_costs_one_product_and_reaches_the_exact_posterior() -> None:
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "dense", 32)
+    denoiser = _CountingDenoiser(prior)
+    MMPS(steps=6, cg_iter=2, cg_rtol=0.0, warm_start=True).sample(denoiser, Y, op)
+    assert denoiser.vjps == 2 * 6 + 5  # no start at the first step
+    # Two warm-started CG iterations per step accumulate to the exact solve (8 measurements):
+    # at the floor where cold-started ones are 4x above it.
+    n = 1000
+    Y, op = _problem(prior, "dense", n)
+    m, P = _exact_posterior(prior, Y, op)
+    bound = _frobenius_bound(n, D)
+    frob = {}
+    for warm in (False, True):
+        sampler = MMPS(steps=64, cg_iter=2, solver="dpmpp_2m", warm_start=warm)
+        x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+        zscore, frob[warm] = _moment_errors(_whiten(x, m, P))
+    assert zscore < Z_BOUND
+    assert frob[True] < bound < frob[False], frob

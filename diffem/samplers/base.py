@@ -278,9 +278,13 @@ class PosteriorSampler(Sampler):
         chunks = self._chunks(Y.shape[0])
         ops = [operator if len(operator) == 1 else operator[c] for c in chunks]
         stats: Stats = {"fallback": []}
+        warm: dict[int, Tensor] = {}  # each chunk's last solution, with warm_start
 
         def mean_fn(x_t: Tensor, sigma: Tensor, weight: Tensor | None, k: int) -> Tensor:
-            guided = guidance(denoiser, x_t, sigma, weight, Y[chunks[k]], ops[k], stats)
+            start = warm.get(k) if getattr(self, "warm_start", False) else None
+            guided = guidance(denoiser, x_t, sigma, weight, Y[chunks[k]], ops[k], stats, start)
+            if guided.solution is not None:
+                warm[k] = guided.solution
             bad = ~torch.isfinite(guided.delta).all(dim=-1, keepdim=True)
             stats["fallback"].append(bad.to(x_t.dtype).flatten())
             return guided.x_hat + torch.where(bad, 0.0, guided.delta)

@@ -74,6 +74,9 @@ class Guided(NamedTuple):
     """``(B, D)`` guidance :math:`\\delta`."""
     log_likelihood: Tensor | None = None
     """``(B,)`` approximate :math:`\\log q(y \\mid x_t)` (up to a per-row constant) or ``None``."""
+    solution: Tensor | None = None
+    """``(B, M)`` the solution :math:`u` of the linear system, if any (a warm start for the
+    next evaluation)."""
 
 
 def denoise_with_graph(denoiser: Denoiser, x_t: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -122,9 +125,12 @@ class Guidance(ABC):
         y: Tensor,
         operator: Operator,
         stats: Stats,
+        initial: Tensor | None = None,
     ) -> Guided:
         """``weight`` ``(B,)`` is the solver's weight of this evaluation
-        (:mod:`diffem.samplers.solvers`); ``stats`` collects ``(B,)`` diagnostics."""
+        (:mod:`diffem.samplers.solvers`); ``stats`` collects ``(B,)`` diagnostics; ``initial``
+        ``(B, M)`` is a starting point of the linear solve (the previous evaluation's
+        :attr:`Guided.solution`), used by guidances that solve one."""
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,9 @@ class GaussianLikelihood(Guidance):
     clip : bool
         Rescales :math:`\delta` onto the bound that holds for every PSD
         :math:`\mathbb{V} \preceq v_{\max} I`.
+    residual_guard : bool
+        Shrinks a :math:`\delta` that moves :math:`A(\hat{x} + \delta)` away from :math:`y`
+        (:func:`residual_guard`).
     """
 
     covariance: str = "jacobian"
@@ -162,6 +171,7 @@ class GaussianLikelihood(Guidance):
     min_variance: float = 1e-3
     safeguard: bool = True
     clip: bool = True
+    residual_guard: bool = True
 
     def __call__(
         self,
@@ -172,6 +182,7 @@ class GaussianLikelihood(Guidance):
         y: Tensor,
         operator: Operator,
         stats: Stats,
+        initial: Tensor | None = None,
     ) -> Guided:
         x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
         s2 = (sigma**2).unsqueeze(-1)
@@ -181,27 +192,64 @@ class GaussianLikelihood(Guidance):
         var = operator.noise_var
         residual = y - operator.apply(x_hat.detach())
         max_iter = operator.n_measurements if self.cg_iter is None else int(self.cg_iter)
+        start, start_image, rhs = None, None, residual
+        if initial is not None and self.covariance == "jacobian":
+            start, start_image, rhs = self._warm_start(
+                initial, x_hat, x_leaf, s2, var, residual, operator
+            )
         result = self._solve(
-            x_hat, x_leaf, s2, r2, v_min, v_max, var, residual, operator, max_iter, stats
+            x_hat, x_leaf, s2, r2, v_min, v_max, var, rhs, operator, max_iter, stats
         )
-
-        w = operator.adjoint(result.solution)
-        if result.image is not None:
-            delta = result.image
-        elif self.covariance == "jacobian":  # CG took no step (zero residual)
-            delta = torch.zeros_like(x_t)
+        solution = result.solution if start is None else start + result.solution
+        w = operator.adjoint(solution)
+        if self.covariance == "jacobian":  # no image: CG took no step (zero residual)
+            delta = torch.zeros_like(x_t) if result.image is None else result.image
+            if start_image is not None:
+                delta = delta + start_image
         else:
             delta = s2 * vjp(x_hat, x_leaf, w)
         if self.clip:
             delta, clipped = _clip_guidance(delta, w, v_min, v_max)
             _record(stats, "clipped", clipped.to(x_t.dtype))
-        _record(stats, "cg_residual", result.residual)
+        if self.residual_guard:
+            delta, guarded = residual_guard(delta, residual, operator)
+            _record(stats, "residual_guarded", guarded.to(x_t.dtype))
+        relative = result.residual
+        if start is not None:  # relative to the cold-start residual y - A x_hat
+            scale = torch.linalg.vector_norm(rhs, dim=-1)
+            base = torch.linalg.vector_norm(torch.nan_to_num(residual), dim=-1)
+            relative = torch.where(base > 0, relative * scale / torch.where(base > 0, base, 1), 0)
+        _record(stats, "cg_residual", relative)
         _record(stats, "cg_iterations", result.iterations.to(x_t.dtype))
         if self.safeguard and self.covariance == "jacobian":
             _record(stats, "cg_safeguarded", result.safeguarded.to(x_t.dtype))
         finite = torch.where(torch.isfinite(residual), residual, 0.0)
-        log_likelihood = -0.5 * _dot(finite, result.solution)
-        return Guided(x_hat.detach(), delta.detach(), log_likelihood.detach())
+        log_likelihood = -0.5 * _dot(finite, solution)
+        return Guided(x_hat.detach(), delta.detach(), log_likelihood.detach(), solution.detach())
+
+    def _warm_start(
+        self,
+        initial: Tensor,
+        x_hat: Tensor,
+        x_leaf: Tensor,
+        s2: Tensor,
+        var: Tensor,
+        residual: Tensor,
+        operator: Operator,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Starts CG from :math:`u_0` (one product, which also gives :math:`\sigma_t^2 J^\top
+        A^\top u_0`); rows where :math:`u_0` is not finite or does not reduce the residual
+        start from 0. Returns :math:`u_0`, its image and the residual :math:`b - M u_0`."""
+        image = s2 * vjp(x_hat, x_leaf, operator.adjoint(initial))
+        rhs = residual - var * initial - operator.apply(image)
+        good = torch.isfinite(rhs).all(-1) & torch.isfinite(image).all(-1)
+        good = good & (_dot(rhs, rhs) < _dot(residual, residual))
+        keep = good.unsqueeze(-1)
+        return (
+            torch.where(keep, initial, 0.0),
+            torch.where(keep, image, 0.0),
+            torch.where(keep, rhs, residual),
+        )
 
     def _solve(
         self,
@@ -282,6 +330,34 @@ def _clip_guidance(delta: Tensor, w: Tensor, v_min: Tensor, v_max: Tensor) -> tu
     return delta * scale.unsqueeze(-1), clipped
 
 
+def residual_guard(delta: Tensor, residual: Tensor, operator: Operator) -> tuple[Tensor, Tensor]:
+    r"""Shrinks guidance that moves :math:`A(\hat{x} + \delta)` farther from :math:`y` than
+    :math:`A \hat{x}` in the noise-weighted norm :math:`\lVert v \rVert_{\Sigma_y^{-1}}`.
+
+    For an SPD system solved exactly, :math:`r - A \delta = \Sigma_y u` with :math:`u = M^{-1}
+    r`, :math:`r = y - A \hat{x}`, and :math:`\lVert \Sigma_y M^{-1} r \rVert_{\Sigma_y^{-1}} \le
+    \lVert r \rVert_{\Sigma_y^{-1}}` since :math:`M \succeq \Sigma_y`: the guard is inactive on
+    an exact denoiser once CG has converged. A learned, non-symmetric Jacobian can make
+    :math:`A \mathbb{V} A^\top` nearly singular along a direction where no curvature safeguard
+    fires; CG then returns a huge :math:`u` and :math:`\delta` throws the sample far off the
+    data (the cause of the divergence of EM with more CG iterations, see the docs). Such a
+    :math:`\delta` is scaled by the residual-minimising :math:`t \in [0, 1]`. Variances are
+    floored at machine epsilon, so noiseless entries weigh equally. Shapes: ``delta``
+    ``(B, D)``, ``residual`` ``(B, M)``; returns the guidance and a ``(B,)`` flag.
+    """
+    residual = torch.nan_to_num(residual)
+    precision = 1.0 / torch.as_tensor(operator.noise_var, dtype=delta.dtype, device=delta.device)
+    precision = precision.clamp_max(1.0 / torch.finfo(delta.dtype).eps)
+    a_delta = operator.apply(delta)
+    before = (residual**2 * precision).sum(-1)
+    after = ((residual - a_delta) ** 2 * precision).sum(-1)
+    bad = after > 1.001 * before + torch.finfo(delta.dtype).tiny
+    num = (residual * a_delta * precision).sum(-1)
+    den = (a_delta**2 * precision).sum(-1)
+    t = (num / torch.where(den > 0, den, 1.0)).clamp(0.0, 1.0)
+    return delta * torch.where(bad, t, 1.0).unsqueeze(-1), bad
+
+
 @dataclass(frozen=True)
 class ResidualGradient(Guidance):
     r"""DPS (Chung et al., 2023, algorithm 1): after the solver's step, a step
@@ -300,6 +376,7 @@ class ResidualGradient(Guidance):
         y: Tensor,
         operator: Operator,
         stats: Stats,
+        initial: Tensor | None = None,
     ) -> Guided:
         x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
         residual = y - operator.apply(x_hat.detach())

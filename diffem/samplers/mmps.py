@@ -72,7 +72,9 @@ class MMPS(GaussianGuidedSampler):
     the step. The guidance :math:`\delta = \mathbb{V} A^\top u` then satisfies, for any PSD
     :math:`\mathbb{V} \preceq v_{\max} I`, :math:`\lVert \delta \rVert^2 \le v_{\max} (A^\top
     u)^\top \delta`; it is rescaled onto that bound when a bad Jacobian breaks it, and replaced
-    by 0 if non-finite. For an exact denoiser within the bounds the safeguards are inactive.
+    by 0 if non-finite; a guidance that moves :math:`A(\hat{x} + \delta)` away from :math:`y`
+    is shrunk (:func:`~diffem.samplers.guidance.residual_guard`). For an exact denoiser within
+    the bounds and a converged CG the safeguards are inactive.
 
     Parameters
     ----------
@@ -86,6 +88,11 @@ class MMPS(GaussianGuidedSampler):
         always uses :math:`J^\top`.
     variance_bounds : (float, float)
         ``(kappa_min, kappa_max)``, see above.
+    warm_start : bool
+        Starts each step's CG from the previous step's solution :math:`u` (the system changes
+        little between neighbouring noise levels), at one more vector-Jacobian product per
+        step, so that ``cg_iter`` iterations accumulate over the steps. Rows whose start does
+        not reduce the residual start from 0.
     sigma_data, cg_rtol
         See :class:`GaussianGuidedSampler`.
     eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
@@ -96,17 +103,23 @@ class MMPS(GaussianGuidedSampler):
     diagnostics_ : dict of float
         ``cg_residual`` (mean final relative residual), ``cg_iterations``, ``cg_safeguarded``
         (fraction of solves stopped by a curvature safeguard), ``clipped`` (fraction of rescaled
-        guidance terms), ``fallback``, ``evaluations`` and ``wall_time``.
+        guidance terms), ``residual_guarded`` (fraction of guidance terms shrunk because they
+        moved :math:`A(\hat{x} + \delta)` away from :math:`y`,
+        :func:`~diffem.samplers.guidance.residual_guard`), ``fallback``, ``evaluations`` and
+        ``wall_time``.
     """
 
     cg_iter: int = 1
     _: KW_ONLY
     covariance: str = "jacobian"
     variance_bounds: tuple[float, float] = (1e-3, 1e2)
+    warm_start: bool = False
 
     def _validate(self) -> None:
         super()._validate()
         check_int(self.cg_iter, "cg_iter", 1)
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"warm_start must be a bool, got {self.warm_start!r}.")
         if self.covariance not in ("jacobian", "gaussian", "isotropic"):
             raise ValueError(
                 "covariance must be one of ('jacobian', 'gaussian', 'isotropic'), got "

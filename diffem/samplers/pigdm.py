@@ -50,4 +50,5 @@ class PiGDM(GaussianGuidedSampler):
             sigma_data=float(self.sigma_data),
             safeguard=False,
             clip=False,
+            residual_guard=False,
         )

@@ -297,7 +297,7 @@ class SMC(GaussianGuidedSampler):
                 index[resample] = self._resample(weights[resample], K, generator)
                 flat = (index + K * torch.arange(b, device=y.device)[:, None]).flatten()
                 x = x[flat]
-                current = Guided(*(t[flat] for t in current))
+                current = Guided(*(None if t is None else t[flat] for t in current))
                 if history is not None:
                     history = (history[0][flat], history[1][flat], history[2])
                 log_w = torch.where(resample[:, None], 0.0, log_w)

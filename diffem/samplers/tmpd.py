@@ -65,4 +65,5 @@ class TMPD(GaussianGuidedSampler):
             min_variance=float(self.min_variance),
             safeguard=False,
             clip=False,
+            residual_guard=False,
         )
