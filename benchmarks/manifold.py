@@ -3,9 +3,8 @@ r"""Benchmark: the low-dimensional manifold experiment of Rozet et al. (2024, se
 Latents on a random smooth 1-D curve in :math:`\mathbb{R}^5`, observed through one random
 ``2 x 5`` projection each (rows on the unit sphere) with noise ``0.01``. In one run:
 
-* ``DiffusionPriorEM`` (MLP denoiser, MMPS with ``--solver`` and ``--cg-iter``; the default
-  first-order ``ancestral`` solver with one CG iteration, since the estimator's default
-  ``dpmpp_2m`` with three makes EM diverge at the recorded size), with the Sinkhorn
+* ``DiffusionPriorEM`` (MLP denoiser, MMPS with ``--steps``, ``--solver``, ``--cg-iter`` and
+  ``--warm-start``, by default the estimator's default sampler), with the Sinkhorn
   divergence between prior samples and held-out true latents after every EM iteration
   (iteration 0 is the Gaussian initialisation fitted by closed-form EM);
 * the Gaussian-mixture extreme-deconvolution baseline (``fit_gaussian_mixture``);
@@ -74,23 +73,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=16, help="training epochs per M-step")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--steps", type=int, default=32, help="MMPS / prior sampling steps")
+    p.add_argument("--steps", type=int, default=64, help="MMPS / prior sampling steps")
     p.add_argument(
         "--cg-iter",
         type=int,
-        default=1,
-        help="MMPS conjugate-gradient iterations (3 diverges at the recorded size, see "
-        "results/manifold.md)",
+        default=3,
+        help="MMPS conjugate-gradient iterations",
     )
     p.add_argument(
         "--solver",
-        default="ancestral",
+        default="dpmpp_2m",
         choices=["ancestral", "heun", "dpmpp_2m"],
-        help="MMPS solver, E-step and prior samples (see diffem.samplers.base); the "
-        "estimator's default dpmpp_2m with --cg-iter 3 diverges at the recorded size",
+        help="MMPS solver, E-step and prior samples (diffem.samplers.solvers)",
     )
     p.add_argument(
         "--covariance", default="jacobian", choices=["jacobian", "gaussian", "isotropic"]
+    )
+    p.add_argument(
+        "--warm-start",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="MMPS warm-started CG (the defaults are the estimator's default sampler)",
     )
     p.add_argument("--mixture-components", type=int, default=16)
     p.add_argument("--mixture-iter", type=int, default=200)
@@ -177,7 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     sampler = MMPS(
-        steps=args.steps, cg_iter=args.cg_iter, covariance=args.covariance, solver=args.solver
+        steps=args.steps,
+        cg_iter=args.cg_iter,
+        covariance=args.covariance,
+        solver=args.solver,
+        warm_start=args.warm_start,
     )
     est = DiffusionPriorEM(
         denoiser=make_denoiser(args.epochs),
@@ -311,7 +318,8 @@ def write_report(
         "vs as many held-out true latents",
         f"- EM: MLPDenoiser (width {args.hidden}, {args.blocks} blocks), {args.epochs} epochs "
         f"per M-step, batch {args.batch_size}, lr {args.lr}; MMPS {args.steps} steps, "
-        f"solver {args.solver}, cg_iter {args.cg_iter}, covariance {args.covariance}; "
+        f"solver {args.solver}, cg_iter {args.cg_iter}, warm_start {args.warm_start}, "
+        f"covariance {args.covariance}; "
         "Gaussian init "
         f"{args.gaussian_iter} EM iterations",
         f"- ceiling: the same denoiser trained on the clean latents for {args.epochs * args.n_iter}"

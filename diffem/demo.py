@@ -58,16 +58,13 @@ __all__ = [
 
 @dataclass
 class DemoConfig:
-    """Size of the demo run. :meth:`full` fits in < 10 minutes on 2 CPU cores (2.7
-    minutes measured; 3.4 with ``"dpmpp_2m"``, ``cg_iter=3``), :meth:`quick` in < 1 minute.
+    """Size of the demo run. :meth:`full` fits in < 10 minutes on 2 CPU cores, :meth:`quick`
+    in < 1 minute.
 
-    ``solver`` and ``cg_iter`` configure the MMPS sampler of the E-step and of the prior
-    samples. The demo keeps the first-order ``"ancestral"`` solver with ``cg_iter=1``, not the
-    estimator's default (``"dpmpp_2m"``, ``cg_iter=3``): on this problem, with 16-epoch
-    M-steps, EM with ``cg_iter=3`` (either solver) diverges after 5-8 iterations (the training
-    loss rises from ~0.85 to ~2 and the Sinkhorn divergence from ~0.8 back above the Gaussian
-    initialisation's), while ``"ancestral"`` with ``cg_iter=1`` improves steadily; see
-    ``benchmarks/results/manifold.md``.
+    ``steps``, ``solver``, ``cg_iter`` and ``warm_start`` configure the MMPS sampler of the
+    E-step and of the prior samples; the defaults are the estimator's
+    (:func:`diffem.em.default_sampler`), whose accurate E-step no longer makes EM diverge on
+    this problem (``benchmarks/results/manifold.md``).
     """
 
     n_samples: int = 8192
@@ -78,9 +75,10 @@ class DemoConfig:
     epochs: int = 16
     batch_size: int = 256
     lr: float = 1e-3
-    steps: int = 32
-    cg_iter: int = 1
-    solver: str = "ancestral"
+    steps: int = 64
+    cg_iter: int = 3
+    solver: str = "dpmpp_2m"
+    warm_start: bool = True
     n_eval: int = 1024
     n_posterior: int = 4
     n_posterior_samples: int = 256
@@ -294,7 +292,9 @@ def build_estimator(cfg: DemoConfig, verbose: int = 1) -> Any:
         module__hidden_features=cfg.hidden,
         module__n_blocks=cfg.n_blocks,
     )
-    sampler = MMPS(steps=cfg.steps, cg_iter=cfg.cg_iter, solver=cfg.solver)
+    sampler = MMPS(
+        steps=cfg.steps, cg_iter=cfg.cg_iter, solver=cfg.solver, warm_start=cfg.warm_start
+    )
     return DiffusionPriorEM(
         denoiser=denoiser,
         sampler=sampler,

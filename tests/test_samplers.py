@@ -724,3 +724,30 @@ def test_warm_start_costs_one_product_and_reaches_the_exact_posterior() -> None:
         zscore, frob[warm] = _moment_errors(_whiten(x, m, P))
     assert zscore < Z_BOUND
     assert frob[True] < bound < frob[False], frob
+
+
+def _floor_mean(n: int, d: int, reps: int = 300) -> float:
+    """Mean of ``||S - I||_F`` over exact N(0, I) sample sets of size ``n``: the floor."""
+    g = torch.Generator().manual_seed(4321)
+    z = torch.randn(reps, n, d, generator=g, dtype=F64)
+    S = z.mT @ z / n
+    return torch.linalg.matrix_norm(S - torch.eye(d, dtype=F64)).mean().item()
+
+
+@pytest.mark.parametrize("kind", ["mask", "dense"])
+def test_estimator_default_sampler_is_at_the_exact_posterior_floor(kind: str) -> None:
+    from diffem import DiffusionPriorEM
+
+    n = 1000
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, kind, n)
+    estimator = DiffusionPriorEM(n_iter=0, device="cpu", random_state=0).fit(Y.float(), op)
+    sampler = estimator.sampler_  # the default, with the schedule and scale set from the data
+    m, P = _exact_posterior(prior, Y, op)
+    x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0))
+    zscore, frob = _moment_errors(_whiten(x, m, P))
+    assert zscore < Z_BOUND
+    floor = _floor_mean(n, D)
+    assert frob < 1.2 * floor, (frob, floor)
+    diag = sampler.diagnostics_
+    assert diag["cg_safeguarded"] == 0 and diag["clipped"] == 0 and diag["fallback"] == 0
