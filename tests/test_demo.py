@@ -57,7 +57,9 @@ def test_cli_help(capsys):
 def test_config_sampler_options():
     from diffem.demo import DemoConfig, build_estimator
 
+    from diffem.em import default_sampler
+
     default = build_estimator(DemoConfig.full(), verbose=0).sampler
-    assert (default.solver, default.cg_iter, default.steps) == ("ancestral", 1, 32)
-    custom = build_estimator(DemoConfig.quick(solver="dpmpp_2m", cg_iter=3), verbose=0).sampler
-    assert (custom.solver, custom.cg_iter, custom.steps) == ("dpmpp_2m", 3, 8)
+    assert default.get_params() == default_sampler().get_params()  # the estimator's default
+    custom = build_estimator(DemoConfig.quick(solver="ancestral", cg_iter=1), verbose=0).sampler
+    assert (custom.solver, custom.cg_iter, custom.steps) == ("ancestral", 1, 8)
