@@ -2,11 +2,14 @@ r"""Cost of moment-matching posterior sampling relative to unconditional samplin
 
 MMPS (Rozet, Andry, Lanusse & Louppe, 2024, "Learning diffusion priors from observations by
 expectation maximization", NeurIPS, section 4) replaces the denoiser call of each reverse step
-by a denoiser call *plus* ``cg_iter`` vector-Jacobian products through it (the covariance
-:math:`\operatorname{Cov}[x \mid x_t] = \sigma_t^2 \nabla_{x_t} E[x \mid x_t]` enters the
-conjugate-gradient solve of :math:`(\Sigma_y + A \operatorname{Cov} A^\top) u = y - A E[x \mid
-x_t]`) and one more for the final :math:`\nabla_{x_t}` of the likelihood term. This script
-measures that overhead on the networks diffem trains.
+by a denoiser call with graph *plus* ``cg_iter`` vector-Jacobian products through it (the
+covariance :math:`\operatorname{Cov}[x \mid x_t] = \sigma_t^2 \nabla_{x_t} E[x \mid x_t]`
+enters the conjugate-gradient solve of :math:`(\Sigma_y + A \operatorname{Cov} A^\top) u = y - A
+E[x \mid x_t]`; diffem accumulates the likelihood term :math:`\sigma_t^2 J^\top A^\top u` from
+those products, where azula's MMPS spends one more). This script measures that overhead on the
+networks diffem trains, and compares with azula's MMPS (``azula.guidance.mmps.MMPSDenoiser``
+with CG in a ``DDPMSampler``) on the same network, schedule, steps and observations, when azula
+is installed: ``pip install --no-deps azula einops`` (``--no-deps`` keeps the installed torch).
 
 Definition
 ----------
@@ -177,6 +180,49 @@ def _freeze(net: object) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=generator).to(p))
 
 
+# ---------------------------------------------------------------------------------- azula
+def azula_mmps(
+    denoiser: Denoiser,
+    y: Tensor,
+    n_features: int,
+    apply: Callable[[Tensor], Tensor],
+    noise_var: float,
+    steps: int,
+    cg_iter: int,
+) -> Callable[[], Tensor] | None:
+    """A call of azula's MMPS (``MMPSDenoiser`` with ``cg_iter`` CG iterations in a
+    ``DDPMSampler``) on the same network, variance-exploding schedule, number of steps and
+    observations as diffem's, or ``None`` when azula is not installed."""
+    try:
+        from azula.denoise import Denoiser as AzulaDenoiser
+        from azula.denoise import DiracPosterior
+        from azula.guidance.mmps import MMPSDenoiser
+        from azula.linalg.covariance import IsotropicCovariance
+        from azula.noise import VESchedule
+        from azula.sample import DDPMSampler
+    except ImportError:
+        return None
+
+    class Wrapped(AzulaDenoiser):
+        """diffem's ``denoiser(x_t, sigma)`` as an azula denoiser (``alpha_t = 1``)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.schedule = VESchedule(sigma_min=1e-3, sigma_max=1e2)
+
+        def forward(self, x_t: Tensor, t: Tensor, **kwargs: object) -> DiracPosterior:
+            _, sigma = self.schedule(t)
+            sigma = sigma.to(x_t.dtype).reshape(-1).expand(x_t.shape[0])
+            return DiracPosterior(mean=denoiser(x_t, sigma))
+
+    guided = MMPSDenoiser(
+        Wrapped(), y, apply, IsotropicCovariance(noise_var), solver="cg", iterations=cg_iter
+    )
+    sampler = DDPMSampler(guided, steps=steps, silent=True)
+    shape = (y.shape[0], n_features)
+    return lambda: sampler(sampler.init(shape, device=y.device, dtype=y.dtype))
+
+
 # ---------------------------------------------------------------------------------- timing
 def time_case(
     case: Case, batch: int, args: argparse.Namespace, device: torch.device
@@ -199,15 +245,22 @@ def time_case(
         batch, operator.n_measurements, generator=generator, device=device
     )
     for k in args.cg_iters:
-        sampler = MMPS(steps=args.steps, cg_iter=k)
-        if "batch_size" in sampler.get_params():
-            sampler.set_params(batch_size=batch)
+        sampler = MMPS(steps=args.steps, cg_iter=k, batch_size=batch)
         timings[f"MMPS (cg {k})"] = timed_median(
             lambda s=sampler: s.sample(case.denoiser, y, operator, generator=generator),
             device,
             warmup=1,
             repeats=args.repeats,
         )
+        call = (
+            None
+            if args.no_azula
+            else azula_mmps(case.denoiser, y, case.features, operator.apply, 0.01, args.steps, k)
+        )
+        if call is not None:
+            timings[f"azula MMPS (cg {k})"] = timed_median(
+                call, device, warmup=1, repeats=args.repeats
+            )
     return timings
 
 
@@ -252,6 +305,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="batch sizes of the U-Net case (default: --batches on CUDA, 16 on CPU)",
     )
     parser.add_argument("--no-unet", action="store_true", help="skip the U-Net case")
+    parser.add_argument(
+        "--no-azula", action="store_true", help="skip azula's MMPS (also skipped without azula)"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(
         "--threads",
@@ -307,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             timings = time_case(case, batch, args, device)
             base_wall, base_cpu = timings["unconditional"]
             for name, (wall, cpu) in timings.items():
+                peer = timings.get(f"azula {name}")
                 rows.append(
                     [
                         case.name,
@@ -317,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
                         f"{1e3 * cpu / batch:.3g}",
                         f"{wall / base_wall:.2f}",
                         f"{cpu / base_cpu:.2f}",
+                        "-" if peer is None else f"{wall / peer[0]:.2f}",
+                        "-" if peer is None else f"{cpu / peer[1]:.2f}",
                     ]
                 )
             print(
@@ -332,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         "CPU ms/sample",
         "wall / uncond.",
         "CPU / uncond.",
+        "wall / azula",
+        "CPU / azula",
     ]
     settings = (
         f"- settings: {args.steps} steps (default `VESchedule`), warm-up 1 call then median of "
@@ -345,10 +406,12 @@ def main(argv: list[str] | None = None) -> None:
         *machine_header(device),
         settings,
         "",
-        "Milliseconds per sample (lower is better) and the cost relative to unconditional "
-        "sampling with the same network and batch size. *wall*: elapsed time; *CPU*: process "
-        "CPU time (all threads), which on a shared machine does not count the time spent "
-        "waiting for a core (on CUDA, wall time is the measure):",
+        "Milliseconds per sample (lower is better), the cost relative to unconditional "
+        "sampling with the same network and batch size, and diffem's MMPS relative to azula's "
+        "with the same network, schedule, steps, CG iterations and observations (targets: "
+        "MMPS cg 1 <= 2.0x unconditional at batch 1024, <= 0.75x azula). *wall*: elapsed "
+        "time; *CPU*: process CPU time (all threads), which on a shared machine does not "
+        "count the time spent waiting for a core (on CUDA, wall time is the measure):",
         "",
         markdown_table(header, rows),
         "",

@@ -700,6 +700,7 @@ def test_smc_draws_and_validation() -> None:
         ({"ess_threshold": 1.5}, "ess_threshold"),
         ({"resampling": "stratified"}, "resampling"),
         ({"corrector_steps": 1}, "corrector_steps"),
+        ({"warm_start": True}, "warm_start"),
     ]:
         with pytest.raises(ValueError, match=match):
             SMC(steps=4, **bad).sample(prior, Y, op)

@@ -18,8 +18,8 @@ from torch import Tensor
 from diffem._validation import check_int, check_number
 from diffem.operators.base import Operator
 from diffem.samplers.base import check_posterior_inputs, sampler_class, summarise
-from diffem.samplers.guidance import Denoiser, GaussianLikelihood, Guided, Stats
-from diffem.samplers.mmps import GaussianGuidedSampler
+from diffem.samplers.guidance import Denoiser, Guided, Stats
+from diffem.samplers.mmps import MMPS
 from diffem.samplers.solvers import ancestral_coefficients, dpmpp_2m_estimate
 
 __all__ = ["SMC", "systematic_resample"]
@@ -52,7 +52,7 @@ def _normalise(log_weights: Tensor) -> Tensor:
 
 
 @sampler_class
-class SMC(GaussianGuidedSampler):
+class SMC(MMPS):
     r"""Twisted SMC posterior sampler, asymptotically exact as ``particles`` grows.
 
     The target is the posterior of the discretised reverse chain of the denoiser (the prior that
@@ -92,14 +92,16 @@ class SMC(GaussianGuidedSampler):
     ``max(1, batch_size // particles)``, each with its ``K`` particles, so samples depend on
     ``batch_size`` (not on anything else) for a fixed ``generator``.
 
+    SMC is MMPS with particles: it takes MMPS's parameters (``warm_start`` excepted).
+
     Parameters
     ----------
     steps : int
         Number of noise levels.
-    particles : int
-        :math:`K`, particles per observation (1: MMPS with importance weights ignored).
     cg_iter : int
         CG iterations of the twisting function and proposal (as in :class:`MMPS`).
+    particles : int
+        :math:`K`, particles per observation (1: MMPS with importance weights ignored).
     ess_threshold : float in [0, 1]
         Resample when the ESS falls below ``ess_threshold * particles`` (0: never, 1: always).
     resampling : {"systematic", "multinomial"}
@@ -129,17 +131,15 @@ class SMC(GaussianGuidedSampler):
     """
 
     particles: int = 16
-    cg_iter: int = 1
     _: KW_ONLY
     ess_threshold: float = 0.5
     resampling: str = "systematic"
-    covariance: str = "jacobian"
-    variance_bounds: tuple[float, float] = (1e-3, 1e2)
 
     def _validate(self) -> None:
         super()._validate()
         check_int(self.particles, "particles", 1)
-        check_int(self.cg_iter, "cg_iter", 1)
+        if self.warm_start:
+            raise ValueError("warm_start must be False for SMC (particles are resampled).")
         check_number(self.ess_threshold, "ess_threshold", 0.0, 1.0)
         check_number(self.eta, "eta", 0.0, 1.0, low_open=True)
         if self.solver not in ("ancestral", "dpmpp_2m"):
@@ -150,20 +150,6 @@ class SMC(GaussianGuidedSampler):
             raise ValueError(f"resampling must be one of {_RESAMPLING}, got {self.resampling!r}.")
         if self.corrector_steps != 0:
             raise ValueError(f"corrector_steps must be 0 for SMC, got {self.corrector_steps!r}.")
-        if self.covariance not in ("jacobian", "gaussian", "isotropic"):
-            raise ValueError(
-                "covariance must be one of ('jacobian', 'gaussian', 'isotropic'), got "
-                f"{self.covariance!r}."
-            )
-
-    def guidance(self) -> GaussianLikelihood:
-        return GaussianLikelihood(
-            covariance=self.covariance,
-            cg_iter=int(self.cg_iter),
-            cg_rtol=float(self.cg_rtol),
-            sigma_data=float(self.sigma_data),
-            variance_bounds=(float(self.variance_bounds[0]), float(self.variance_bounds[1])),
-        )
 
     # ------------------------------------------------------------------ sampling
     def sample(
