@@ -144,12 +144,12 @@ class Sampler(BaseEstimator):
 
         def evaluate(x: Tensor, sigma: float, weight: float | None) -> Tensor:
             self.evaluations_ += 1
-            out = torch.empty_like(x)
+            outputs = []
             for k, chunk in enumerate(chunks):
                 s = torch.full((chunk.stop - chunk.start,), sigma, dtype=x.dtype, device=x.device)
                 w = None if weight is None else torch.full_like(s, weight)
-                out[chunk] = mean_fn(x[chunk], s, w, k).detach()
-            return out
+                outputs.append(mean_fn(x[chunk], s, w, k).detach())
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
         def randn(like: Tensor) -> Tensor:
             return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device)

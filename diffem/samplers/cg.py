@@ -81,7 +81,7 @@ class CGResult(NamedTuple):
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(dim=-1)
+    return torch.linalg.vecdot(a, b)
 
 
 def conjugate_gradient(

@@ -105,7 +105,7 @@ def vjp(x_hat: Tensor, x_leaf: Tensor, v: Tensor) -> Tensor:
 
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(dim=-1)
+    return torch.linalg.vecdot(a, b)
 
 
 def _record(stats: Stats, key: str, value: Tensor) -> None:
@@ -285,12 +285,13 @@ class GaussianLikelihood(Guidance):
         last: dict[str, Tensor] = {}
 
         def matvec(p: Tensor) -> tuple[Tensor, Tensor]:
-            image = s2 * vjp(x_hat, x_leaf, operator.adjoint(p))
+            last["w"] = operator.adjoint(p)
+            image = s2 * vjp(x_hat, x_leaf, last["w"])
             last["cov"] = operator.apply(image)
             return var * p + last["cov"], image
 
         def safeguard(p: Tensor, curvature: Tensor) -> tuple[Tensor, Tensor]:
-            w = operator.adjoint(p)
+            w = last["w"]
             ww = _dot(w, w)
             base = _dot(p, var * p)
             # Rayleigh quotient of V alone: w^T V w = p^T (A V A^T p), not the difference
