@@ -56,7 +56,6 @@ def test_cli_help(capsys):
 
 def test_config_sampler_options():
     from diffem.demo import DemoConfig, build_estimator
-
     from diffem.em import default_sampler
 
     default = build_estimator(DemoConfig.full(), verbose=0).sampler
