@@ -129,6 +129,7 @@ def make_samplers(
     mmps_sigma_data: float,
     smc_particles: list[int] = (),
     smc_solver: str = "ancestral",
+    smc_cg_iter: int = 1,
 ) -> dict[str, object]:
     """The compared samplers with ``steps`` diffusion steps and default parameters, except
     MMPS's and SMC's ``sigma_data`` (the scale of the safeguard bounds) and the ``dpmpp_2m``
@@ -153,7 +154,11 @@ def make_samplers(
     samplers.update(
         {
             f"SMC (K {k})": SMC(
-                steps=steps, particles=k, sigma_data=mmps_sigma_data, solver=smc_solver
+                steps=steps,
+                particles=k,
+                cg_iter=smc_cg_iter,
+                sigma_data=mmps_sigma_data,
+                solver=smc_solver,
             )
             for k in smc_particles
         }
@@ -300,6 +305,7 @@ def run_setting(
             args.mmps_sigma_data,
             args.smc_particles,
             args.smc_solver,
+            args.smc_cg_iter,
         ).items()
     ):
         seed = problem_seed(args.seed, *key, 0, 3 + index)
@@ -506,6 +512,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="solver of the SMC columns (default ancestral)",
     )
     parser.add_argument(
+        "--smc-cg-iter", type=int, default=1, help="CG iterations of the SMC columns (default 1)"
+    )
+    parser.add_argument(
         "--mmps-sigma-data",
         type=float,
         default=None,
@@ -617,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.steps} diffusion steps (default `VESchedule`); MMPS cg_iter in "
         f"{args.cg_iters} with the ancestral solver and {args.cg_iters_2m} with "
         f'`solver="dpmpp_2m"` ("MMPS 2M"), sigma_data {args.mmps_sigma_data:.4g}; SMC '
-        f"({args.smc_solver}, cg_iter 1) with K in {args.smc_particles} particles; DPS, "
+        f"({args.smc_solver}, cg_iter {args.smc_cg_iter}) with K in {args.smc_particles} "
+        "particles; DPS, "
         f"PiGDM and TMPD ancestral; other sampler parameters at their defaults; float32; "
         f"SW_2 with {args.projections} random directions; "
         f"seed {args.seed}; {torch.get_num_threads()} torch threads; total wall time {total:.0f} s"
