@@ -23,7 +23,7 @@ __all__ = [
     "resolve_device",
     "synchronize",
     "timed",
-    "timed_median",
+    "timed_medians",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -93,23 +93,31 @@ def timed(function: Callable[[], object], device: torch.device) -> tuple[object,
     return result, time.perf_counter() - start
 
 
-def timed_median(
-    function: Callable[[], object], device: torch.device, *, warmup: int = 1, repeats: int = 3
-) -> tuple[float, float]:
-    """Median wall time and median process CPU time (seconds) of ``repeats`` calls after
-    ``warmup`` untimed calls.
-
-    On a shared CPU the process time (all threads of this process) is the steadier measure:
-    it does not count the time spent waiting for a core.
-    """
-    for _ in range(warmup):
-        timed(function, device)
-    walls, cpus = [], []
+def timed_medians(
+    functions: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> dict[str, tuple[float, float]]:
+    """Median wall time and median process CPU time (seconds) of ``repeats`` calls of each
+    function after ``warmup`` untimed calls, interleaved: each round calls every function once,
+    so that a change of the machine's load during the run affects all of them alike and their
+    ratios stay meaningful. On a shared CPU the process time (all threads of this process) is
+    the steadier measure: it does not count the time spent waiting for a core."""
+    for function in functions.values():
+        for _ in range(warmup):
+            timed(function, device)
+    walls: dict[str, list[float]] = {name: [] for name in functions}
+    cpus: dict[str, list[float]] = {name: [] for name in functions}
     for _ in range(repeats):
-        cpu = time.process_time()
-        walls.append(timed(function, device)[1])
-        cpus.append(time.process_time() - cpu)
-    return statistics.median(walls), statistics.median(cpus)
+        for name, function in functions.items():
+            cpu = time.process_time()
+            walls[name].append(timed(function, device)[1])
+            cpus[name].append(time.process_time() - cpu)
+    return {
+        name: (statistics.median(walls[name]), statistics.median(cpus[name])) for name in functions
+    }
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -27,8 +27,9 @@ Definition
   ``cg_iter`` in 1 and 3, each with ``steps = 64`` by default.
 - **Timing.** One batch of ``B`` samples per call; one untimed warm-up call, then the median
   of ``--repeats`` timed calls (CUDA synchronised), both in wall time and in process CPU time
-  (steadier on a shared CPU). Reported: milliseconds per sample and the ratios
-  MMPS / unconditional.
+  (steadier on a shared CPU). The samplers' calls are interleaved (one call of each per
+  round), so that load changes on a shared machine hit all of them alike. Reported:
+  milliseconds per sample and the ratios MMPS / unconditional and MMPS / azula.
 
 Run ``python benchmarks/sampler_speed.py --help`` for the options; ``--quick`` is a smoke run.
 """
@@ -54,7 +55,7 @@ from _common import (
     machine_header,
     markdown_table,
     resolve_device,
-    timed_median,
+    timed_medians,
 )
 
 from diffem.operators import Dense, Mask
@@ -227,41 +228,33 @@ def azula_mmps(
 def time_case(
     case: Case, batch: int, args: argparse.Namespace, device: torch.device
 ) -> dict[str, tuple[float, float]]:
-    """Median (wall, process CPU) seconds per call of each sampler for one batch size."""
+    """Median (wall, process CPU) seconds per call of each sampler for one batch size, the
+    samplers' calls interleaved (:func:`_common.timed_medians`)."""
     from diffem.samplers import MMPS, Unconditional
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    unconditional = Unconditional(steps=args.steps)
-    timings = {}
-    timings["unconditional"] = timed_median(
-        lambda: unconditional.sample(case.denoiser, batch, case.features, generator=generator),
-        device,
-        warmup=1,
-        repeats=args.repeats,
-    )
+    unconditional = Unconditional(steps=args.steps, batch_size=batch)
     operator = case.operator(batch, device)
     x = unconditional.sample(case.denoiser, batch, case.features, generator=generator)
     y = operator.apply(x.to(device)) + 0.1 * torch.randn(
         batch, operator.n_measurements, generator=generator, device=device
     )
+    calls: dict[str, Callable[[], object]] = {
+        "unconditional": lambda: unconditional.sample(
+            case.denoiser, batch, case.features, generator=generator
+        )
+    }
     for k in args.cg_iters:
         sampler = MMPS(steps=args.steps, cg_iter=k, batch_size=batch)
-        timings[f"MMPS (cg {k})"] = timed_median(
-            lambda s=sampler: s.sample(case.denoiser, y, operator, generator=generator),
-            device,
-            warmup=1,
-            repeats=args.repeats,
+        calls[f"MMPS (cg {k})"] = lambda s=sampler: s.sample(
+            case.denoiser, y, operator, generator=generator
         )
-        call = (
-            None
-            if args.no_azula
-            else azula_mmps(case.denoiser, y, case.features, operator.apply, 0.01, args.steps, k)
-        )
-        if call is not None:
-            timings[f"azula MMPS (cg {k})"] = timed_median(
-                call, device, warmup=1, repeats=args.repeats
-            )
-    return timings
+        peer = None
+        if not args.no_azula:
+            peer = azula_mmps(case.denoiser, y, case.features, operator.apply, 0.01, args.steps, k)
+        if peer is not None:
+            calls[f"azula MMPS (cg {k})"] = peer
+    return timed_medians(calls, device, warmup=1, repeats=args.repeats)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
