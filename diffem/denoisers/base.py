@@ -36,10 +36,18 @@ import numpy as np
 import torch
 from skorch import NeuralNet
 from skorch.dataset import unpack_data
-from skorch.utils import TeeGenerator, to_tensor
+from skorch.utils import to_tensor
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from ..schedule import EDMPreconditioning, VESchedule
+from .training import (
+    CosineSchedule,
+    GradientNormClipping,
+    TensorBatches,
+    WarmupEMA,
+    fast_optimizer_defaults,
+)
 
 __all__ = ["Denoiser", "DivergenceError", "WeightedMSELoss"]
 
@@ -198,6 +206,8 @@ class Denoiser(NeuralNet):
         device: str | torch.device = "cpu",
         **kwargs: Any,
     ) -> None:
+        kwargs.setdefault("iterator_train", TensorBatches)
+        kwargs.setdefault("iterator_valid", TensorBatches)
         kwargs.setdefault("iterator_train__shuffle", True)
         if self.default_module is not None and module is self.default_module:
             for key, value in _module_defaults(module, self._injected_module_args).items():
@@ -260,6 +270,11 @@ class Denoiser(NeuralNet):
         """Data dimension to use when the net is initialised before seeing data."""
         return None
 
+    def _extra_module_kwargs(self) -> dict[str, Any]:
+        """Module constructor arguments the net supplies besides ``features`` (from its own
+        parameters, e.g. ``image_shape``), unless given as ``module__*``."""
+        return {}
+
     # ------------------------------------------------------------------ initialisation
 
     def _rng(self) -> torch.Generator:
@@ -278,7 +293,6 @@ class Denoiser(NeuralNet):
         self._check_hyperparameters()
         self.rng_ = None
         self._rng()
-        self.ema_steps_ = 0
         return super().initialize()
 
     def initialize_for(self, n_features: int) -> Denoiser:
@@ -307,6 +321,8 @@ class Denoiser(NeuralNet):
                         "partial_fit(X), or set module__features, before initialize()."
                     )
                 kwargs["features"] = int(features)
+            for key, value in self._extra_module_kwargs().items():
+                kwargs.setdefault(key, value)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.module_ = self.initialized_instance(self.module, kwargs)
@@ -314,22 +330,35 @@ class Denoiser(NeuralNet):
             self.ema_module_ = self._make_ema(self.module_)
         elif hasattr(self, "ema_module_"):
             self.ema_module_ = None
-        self.ema_steps_ = 0
         return self
 
-    @staticmethod
-    def _make_ema(module: nn.Module) -> nn.Module:
-        ema = copy.deepcopy(module)
+    def _make_ema(self, module: nn.Module) -> AveragedModel:
+        """torch's :class:`~torch.optim.swa_utils.AveragedModel` of ``module`` with the
+        warm-up EMA update (:class:`~diffem.denoisers.training.WarmupEMA`)."""
+        ema = AveragedModel(module, multi_avg_fn=WarmupEMA(float(self.ema_decay)))
         ema.requires_grad_(False)
         ema.eval()
         return ema
 
-    def initialize_optimizer(self, triggered_directly: Any = None) -> Denoiser:
-        """Optimizer over the weights of ``module_`` (never the EMA copy)."""
-        super().initialize_optimizer()
-        for group in self.optimizer_.param_groups:
-            group["base_lr"] = group["lr"]
-        return self
+    def get_params_for_optimizer(
+        self, prefix: str, named_parameters: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """skorch's optimizer arguments, with torch's fused (or multi-tensor) kernels by
+        default (:func:`~diffem.denoisers.training.fast_optimizer_defaults`); the optimizer
+        only sees the weights of ``module_`` (never the EMA copy)."""
+        args, kwargs = super().get_params_for_optimizer(prefix, named_parameters)
+        if prefix == "optimizer":
+            kwargs = {**fast_optimizer_defaults(self.optimizer, kwargs), **kwargs}
+        return args, kwargs
+
+    def get_default_callbacks(self) -> list[tuple[str, Any]]:
+        """skorch's defaults, then the cosine schedule (active with ``lr_schedule="cosine"``)
+        and the gradient clipping (to ``clip_grad_norm``, passed on when training begins)."""
+        return [
+            *super().get_default_callbacks(),
+            ("lr_schedule", CosineSchedule()),
+            ("gradient_clipping", GradientNormClipping()),
+        ]
 
     def get_all_learnable_params(self) -> Iterator[tuple[str, nn.Parameter]]:
         """Trainable parameters: those of ``module_`` and ``criterion_`` (not ``ema_module_``)."""
@@ -342,14 +371,6 @@ class Denoiser(NeuralNet):
                 if id(param) not in seen:
                     seen.add(id(param))
                     yield pname, param
-
-    def set_params(self, **kwargs: Any) -> Denoiser:
-        super().set_params(**kwargs)
-        lr_keys = [k for k in kwargs if k == "lr" or (k.startswith("optimizer__") and "lr" in k)]
-        if lr_keys and getattr(self, "optimizer_", None) is not None:
-            for group in self.optimizer_.param_groups:
-                group["base_lr"] = group["lr"]
-        return self
 
     # ------------------------------------------------------------------ data
 
@@ -399,23 +420,19 @@ class Denoiser(NeuralNet):
         return t
 
     def get_iterator(self, dataset: Any, training: bool = False) -> Any:
-        """skorch's iterator, with a seeded shuffling generator for training."""
-        if training:
-            # the cosine schedule spans the epochs of this call over the training split
-            self.total_steps_ = self._batches_per_epoch(len(dataset)) * int(self.max_epochs)
-            kwargs = self.get_params_for("iterator_train")
-            if kwargs.get("shuffle") and "generator" not in kwargs and "sampler" not in kwargs:
-                kwargs.setdefault("batch_size", self.batch_size)
-                if kwargs["batch_size"] == -1:
-                    kwargs["batch_size"] = len(dataset)
-                return self.iterator_train(dataset, generator=self._rng(), **kwargs)
-        return super().get_iterator(dataset, training=training)
-
-    def _batches_per_epoch(self, n: int) -> int:
+        """skorch's iterator, with a seeded shuffling generator for training; sets
+        ``total_steps_``, the optimizer steps of this ``fit``/``partial_fit`` call."""
+        if not training:
+            return super().get_iterator(dataset, training=False)
         kwargs = self.get_params_for("iterator_train")
-        bs = kwargs.get("batch_size", self.batch_size)
-        bs = n if bs == -1 else int(bs)
-        return max(1, n // bs if kwargs.get("drop_last") else math.ceil(n / bs))
+        if kwargs.get("shuffle") and "generator" not in kwargs and "sampler" not in kwargs:
+            kwargs["generator"] = self._rng()
+        kwargs.setdefault("batch_size", self.batch_size)
+        if kwargs["batch_size"] == -1:
+            kwargs["batch_size"] = len(dataset)
+        iterator = self.iterator_train(dataset, **kwargs)
+        self.total_steps_ = len(iterator) * int(self.max_epochs)
+        return iterator
 
     # ------------------------------------------------------------------ training
 
@@ -449,15 +466,15 @@ class Denoiser(NeuralNet):
         t = self._validate_data(X, reset=not self.initialized_)
         if not self.initialized_:
             self.initialize()
-        if self.ema_decay is not None and getattr(self, "ema_module_", None) is None:
+        ema = getattr(self, "ema_module_", None)
+        if self.ema_decay is not None and ema is None:
             # EMA switched on after initialisation: start it from the current weights
             with self._current_init_context("module"):
                 self.ema_module_ = self._make_ema(self.module_)
-            self.ema_steps_ = 0
+        elif self.ema_decay is not None:
+            ema.multi_avg_fn = WarmupEMA(float(self.ema_decay))
         noise_device = torch.device(self.device)
         self.noise_rng_ = torch.Generator(device=noise_device).manual_seed(self._draw_seed())
-        self.total_steps_ = self._batches_per_epoch(len(t)) * int(self.max_epochs)
-        self.call_steps_ = 0
         self.last_good_ = self._snapshot()
         try:
             super().partial_fit(t)
@@ -470,7 +487,8 @@ class Denoiser(NeuralNet):
             self.last_good_ = None
             self.noise_rng_ = None
             for group in self.optimizer_.param_groups:
-                group["lr"] = group.get("base_lr", group["lr"])
+                # the learning rate the schedule started from (torch's convention)
+                group["lr"] = group.pop("initial_lr", group["lr"])
         return self
 
     def _snapshot(self) -> dict[str, Any]:
@@ -479,7 +497,6 @@ class Denoiser(NeuralNet):
             "module": copy.deepcopy(self.module_.state_dict()),
             "ema": None if ema is None else copy.deepcopy(ema.state_dict()),
             "optimizer": copy.deepcopy(self.optimizer_.state_dict()),
-            "ema_steps": self.ema_steps_,
         }
 
     def _restore(self, snap: dict[str, Any]) -> None:
@@ -488,7 +505,6 @@ class Denoiser(NeuralNet):
         if ema is not None and snap["ema"] is not None:
             ema.load_state_dict(snap["ema"])
         self.optimizer_.load_state_dict(snap["optimizer"])
-        self.ema_steps_ = snap["ema_steps"]
 
     def on_epoch_begin(
         self, net: Any, dataset_train: Any = None, dataset_valid: Any = None, **kwargs: Any
@@ -506,13 +522,12 @@ class Denoiser(NeuralNet):
         )
         self.history_.record("lr", float(self.optimizer_.param_groups[0]["lr"]))
 
-    def _apply_lr_schedule(self) -> None:
-        if self.lr_schedule != "cosine":
-            return
-        k, total = self.call_steps_, max(self.total_steps_, 1)
-        factor = 0.5 * (1.0 + math.cos(math.pi * min(k, total) / total))
-        for group in self.optimizer_.param_groups:
-            group["lr"] = group["base_lr"] * factor
+    def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
+        """Passes ``clip_grad_norm`` on to the clipping callback."""
+        super().on_train_begin(net, X=X, y=y, **kwargs)
+        clipping = dict(self.callbacks_).get("gradient_clipping")
+        if clipping is not None:
+            clipping.gradient_clip_value = self.clip_grad_norm
 
     def _noisy_batch(
         self, x: Tensor, generator: torch.Generator | None, sigma: Tensor | None = None
@@ -555,49 +570,31 @@ class Denoiser(NeuralNet):
         return self.criterion_(y_pred, y_true, weight)
 
     def train_step_single(self, batch: Any, **fit_params: Any) -> dict[str, Tensor]:
-        r"""One denoising-score-matching gradient: draw :math:`\sigma_i` log-uniform and
-        :math:`z_i \sim \mathcal{N}(0, I)` per sample, backpropagate the EDM loss."""
+        r"""One denoising-score-matching gradient: draw :math:`\sigma_i` from the training
+        distribution and :math:`z_i \sim \mathcal{N}(0, I)` per sample, backpropagate the
+        EDM loss (a non-finite loss raises :class:`DivergenceError`)."""
         self._set_training(True)
         if getattr(self, "ema_module_", None) is not None:
             self.ema_module_.eval()
         x, _ = unpack_data(batch)
         x = to_tensor(x, device=self.device).to(torch.float32)
         loss, denoised = self._denoising_loss(self.module_, x, self.noise_rng_, training=True)
+        if not bool(torch.isfinite(loss)):
+            self._diverged(f"the training loss is {loss.item()}")
         loss.backward()
         return {"loss": loss, "y_pred": denoised}
 
     def train_step(self, batch: Any, **fit_params: Any) -> dict[str, Tensor]:
-        """Optimizer step with learning-rate schedule, gradient clipping, divergence check
-        and EMA update."""
-        accumulator = self.get_train_step_accumulator()
-        self._apply_lr_schedule()
-
-        def step_fn() -> Tensor:
-            self._zero_grad_optimizer()
-            step = self.train_step_single(batch, **fit_params)
-            accumulator.store_step(step)
-            loss = step["loss"]
-            if not bool(torch.isfinite(loss)):
-                self._diverged(f"the training loss is {loss.item()}")
-            self.notify(
-                "on_grad_computed",
-                named_parameters=TeeGenerator(self.get_all_learnable_params()),
-                batch=batch,
-                training=True,
-            )
-            if self.clip_grad_norm is not None:
-                params = [p for _, p in self.get_all_learnable_params()]
-                norm = torch.nn.utils.clip_grad_norm_(params, float(self.clip_grad_norm))
-                norm_value = float(norm)
-                if not math.isfinite(norm_value):
-                    self._diverged(f"the gradient norm is {norm_value}")
-                self.history_.record_batch("grad_norm", norm_value)
-            return loss
-
-        self._step_optimizer(step_fn)
-        self.call_steps_ += 1
-        self._update_ema()
-        return accumulator.get_step()
+        """skorch's optimizer step (the callbacks schedule the learning rate and clip the
+        gradient), a divergence check on the gradient norm, and the EMA update."""
+        step = super().train_step(batch, **fit_params)
+        norm = self.history_[-1, "batches", -1].get("grad_norm", 0.0)
+        if not math.isfinite(norm):
+            self._diverged(f"the gradient norm is {norm}")
+        ema = getattr(self, "ema_module_", None)
+        if self.ema_decay is not None and ema is not None:
+            ema.update_parameters(self.module_)
+        return step
 
     def _diverged(self, what: str) -> None:
         epoch = len(self.history_)
@@ -607,19 +604,6 @@ class Denoiser(NeuralNet):
             f"lr (now {self.lr!r}), gradient clipping (clip_grad_norm, now "
             f"{self.clip_grad_norm!r}), or check the scale of X."
         )
-
-    @torch.no_grad()
-    def _update_ema(self) -> None:
-        ema = getattr(self, "ema_module_", None)
-        if self.ema_decay is None or ema is None:
-            return
-        k = self.ema_steps_
-        decay = min(float(self.ema_decay), (1.0 + k) / (10.0 + k))
-        for p_ema, p in zip(ema.parameters(), self.module_.parameters(), strict=True):
-            p_ema.lerp_(p.detach(), 1.0 - decay)
-        for b_ema, b in zip(ema.buffers(), self.module_.buffers(), strict=True):
-            b_ema.copy_(b)
-        self.ema_steps_ = k + 1
 
     def validation_step(self, batch: Any, **fit_params: Any) -> dict[str, Tensor]:
         """Denoising loss of the inference weights on a held-out batch (random noise)."""
