@@ -630,3 +630,35 @@ def test_warmup_ema_update() -> None:
         expected = w if k == 0 else decay * expected + (1 - decay) * w
         assert ema.module.weight.item() == pytest.approx(expected)
     assert pickle.loads(pickle.dumps(ema)).multi_avg_fn.decay == 0.5
+
+
+def test_training_noise_level_distributions() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    uniform = MLPDenoiser().sample_sigma(n, g).log()
+    low, high = np.log(1e-3), np.log(1e2)
+    assert low <= uniform.min() and uniform.max() <= high
+    # log-uniform: mean (low + high) / 2, std (high - low) / sqrt(12); 5 standard errors
+    width = high - low
+    assert abs(uniform.mean() - (low + high) / 2) < 5 * width / np.sqrt(12 * n)
+    assert abs(uniform.std() - width / np.sqrt(12)) < 0.02 * width
+    normal = MLPDenoiser(sigma_distribution="log_normal", log_sigma_std=1.0).sample_sigma(n, g)
+    log_normal = normal.log()
+    # the truncation at +-5.8 standard deviations is invisible at this sample size
+    assert abs(log_normal.mean() - (low + high) / 2) < 5 / np.sqrt(n)
+    assert abs(log_normal.std() - 1.0) < 0.02
+    shifted = MLPDenoiser(sigma_distribution="log_normal", log_sigma_mean=-4.0, log_sigma_std=2.0)
+    drawn = shifted.sample_sigma(n, g).log()
+    assert low <= drawn.min() and drawn.max() <= high  # truncated to the schedule
+    from scipy.stats import truncnorm
+
+    exact = truncnorm((low + 4.0) / 2.0, (high + 4.0) / 2.0, loc=-4.0, scale=2.0)
+    assert abs(drawn.mean() - exact.mean()) < 5 * exact.std() / np.sqrt(n)
+    assert abs(drawn.std() - exact.std()) < 0.02 * exact.std()
+    X, _, _ = _gaussian(64)
+    net = MLPDenoiser(max_epochs=1, sigma_distribution="log_normal", **SMALL).fit(X)
+    assert np.isfinite(net.history[-1, "train_loss"])
+    assert clone(net).get_params()["sigma_distribution"] == "log_normal"
+    for bad in [{"sigma_distribution": "normal"}, {"log_sigma_std": 0.0}, {"log_sigma_mean": "a"}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MLPDenoiser(**bad, **SMALL).fit(X)

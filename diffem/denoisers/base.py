@@ -18,9 +18,11 @@ EDM loss weighting,
     \lambda(\sigma) = 1 / c_{\text{out}}(\sigma)^2,
 
 with :math:`\log \sigma \sim \mathcal{U}(\log \sigma_{\min}, \log \sigma_{\max})` per sample
-(the training noise levels of Rozet et al., 2024). The minimiser is the Tweedie posterior
-mean :math:`E[x \mid x_t]`, whose Jacobian gives :math:`\text{Cov}[x \mid x_t] = \sigma^2
-\nabla_{x_t} E[x \mid x_t]`, which is what the posterior samplers use.
+(the training noise levels of Rozet et al., 2024), or a normal :math:`\log \sigma \sim
+\mathcal{N}(P_{\text{mean}}, P_{\text{std}}^2)` truncated to that range (Karras et al., 2022,
+sec. 5), which spends the training on the middle of the schedule. The minimiser is the
+Tweedie posterior mean :math:`E[x \mid x_t]`, whose Jacobian gives :math:`\text{Cov}[x \mid
+x_t] = \sigma^2 \nabla_{x_t} E[x \mid x_t]`, which is what the posterior samplers use.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .training import (
 __all__ = ["Denoiser", "DivergenceError", "WeightedMSELoss"]
 
 _LR_SCHEDULES = ("cosine", "constant")
+_SIGMA_DISTRIBUTIONS = ("log_uniform", "log_normal")
 
 
 class DivergenceError(FloatingPointError, RuntimeError):
@@ -132,7 +135,16 @@ class Denoiser(NeuralNet):
         skorch callbacks, e.g. ``ProgressBar()``, ``EarlyStopping(monitor="train_loss")``,
         ``Checkpoint(monitor="train_loss_best")``.
     sigma_min, sigma_max : float
-        Range of the log-uniform training noise levels (:class:`~diffem.schedule.VESchedule`).
+        Range of the training noise levels (:class:`~diffem.schedule.VESchedule`).
+    sigma_distribution : {"log_uniform", "log_normal"}
+        Distribution of the training noise levels: :math:`\log \sigma` uniform on
+        :math:`[\log \sigma_{\min}, \log \sigma_{\max}]`, or normal with mean
+        ``log_sigma_mean`` and standard deviation ``log_sigma_std`` truncated to it.
+    log_sigma_mean : float or None
+        :math:`P_{\text{mean}}` of ``"log_normal"``; ``None`` is the middle of the schedule,
+        :math:`(\log \sigma_{\min} + \log \sigma_{\max}) / 2`.
+    log_sigma_std : float
+        :math:`P_{\text{std}}` of ``"log_normal"``.
     sigma_data : float
         Data scale of the EDM preconditioning (:class:`~diffem.schedule.EDMPreconditioning`).
     ema_decay : float or None
@@ -196,6 +208,9 @@ class Denoiser(NeuralNet):
         callbacks: list[Any] | None = None,
         sigma_min: float = 1e-3,
         sigma_max: float = 1e2,
+        sigma_distribution: str = "log_uniform",
+        log_sigma_mean: float | None = None,
+        log_sigma_std: float = 1.2,
         sigma_data: float = 1.0,
         ema_decay: float | None = None,
         clip_grad_norm: float | None = 1.0,
@@ -228,6 +243,9 @@ class Denoiser(NeuralNet):
         )
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max
+        self.sigma_distribution = sigma_distribution
+        self.log_sigma_mean = log_sigma_mean
+        self.log_sigma_std = log_sigma_std
         self.sigma_data = sigma_data
         self.ema_decay = ema_decay
         self.clip_grad_norm = clip_grad_norm
@@ -244,6 +262,19 @@ class Denoiser(NeuralNet):
         """The training noise schedule ``VESchedule(sigma_min, sigma_max)``."""
         return VESchedule(float(self.sigma_min), float(self.sigma_max))
 
+    def sample_sigma(
+        self, n: int, generator: torch.Generator | None = None, device: Any = None
+    ) -> Tensor:
+        r"""``n`` training noise levels ``(n,)`` from ``sigma_distribution``, in
+        :math:`[\sigma_{\min}, \sigma_{\max}]`."""
+        if self.sigma_distribution == "log_uniform":
+            return self.schedule.sample_sigma(n, generator=generator, device=device)
+        low, high = math.log(self.sigma_min), math.log(self.sigma_max)
+        mean = (low + high) / 2 if self.log_sigma_mean is None else float(self.log_sigma_mean)
+        log_sigma = torch.empty(n, device=device)
+        nn.init.trunc_normal_(log_sigma, mean, float(self.log_sigma_std), low, high, generator)
+        return log_sigma.exp()
+
     @property
     def preconditioning(self) -> EDMPreconditioning:
         """The EDM coefficients ``EDMPreconditioning(sigma_data)``."""
@@ -259,6 +290,19 @@ class Denoiser(NeuralNet):
             raise ValueError(
                 f"clip_grad_norm must be None or positive, got {self.clip_grad_norm!r}."
             )
+        if self.sigma_distribution not in _SIGMA_DISTRIBUTIONS:
+            raise ValueError(
+                f"sigma_distribution must be one of {_SIGMA_DISTRIBUTIONS}, got "
+                f"{self.sigma_distribution!r}."
+            )
+        if self.log_sigma_mean is not None and not (
+            isinstance(self.log_sigma_mean, numbers.Real) and math.isfinite(self.log_sigma_mean)
+        ):
+            raise ValueError(
+                f"log_sigma_mean must be None or a finite float, got {self.log_sigma_mean!r}."
+            )
+        if not (isinstance(self.log_sigma_std, numbers.Real) and 0 < self.log_sigma_std < math.inf):
+            raise ValueError(f"log_sigma_std must be a positive float, got {self.log_sigma_std!r}.")
         if self.lr_schedule not in _LR_SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {_LR_SCHEDULES}, got {self.lr_schedule!r}."
@@ -532,11 +576,11 @@ class Denoiser(NeuralNet):
     def _noisy_batch(
         self, x: Tensor, generator: torch.Generator | None, sigma: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``(x_t, sigma)`` with ``x_t = x + sigma z`` and log-uniform ``sigma`` if not given."""
+        """``(x_t, sigma)`` with ``x_t = x + sigma z``, ``sigma`` drawn if not given."""
         gen_device = generator.device if generator is not None else torch.device("cpu")
         n = x.shape[0]
         if sigma is None:
-            sigma = self.schedule.sample_sigma(n, generator=generator, device=gen_device)
+            sigma = self.sample_sigma(n, generator=generator, device=gen_device)
         z = torch.randn(x.shape, generator=generator, device=gen_device)
         sigma = sigma.to(device=x.device, dtype=x.dtype)
         return x + sigma.reshape(-1, *([1] * (x.ndim - 1))) * z.to(x.device, x.dtype), sigma
@@ -711,7 +755,7 @@ class Denoiser(NeuralNet):
         .. math:: \frac{1}{n D} \sum_i \lambda(\sigma_i)
             \lVert D_\theta(x_i + \sigma_i z_i, \sigma_i) - x_i \rVert^2
 
-        ``sigma`` ``None`` draws log-uniform levels in ``[sigma_min, sigma_max]`` (the
+        ``sigma`` ``None`` draws the levels from ``sigma_distribution`` (the
         training objective); a float or ``(n,)`` array fixes them. The noise is drawn from
         ``generator`` (CPU or the module's device; deterministic given its state).
         """
@@ -721,7 +765,7 @@ class Denoiser(NeuralNet):
         n = len(x)
         gen_device = generator.device if generator is not None else torch.device("cpu")
         if sigma is None:
-            s = self.schedule.sample_sigma(n, generator=generator, device=gen_device)
+            s = self.sample_sigma(n, generator=generator, device=gen_device)
         else:
             s = torch.as_tensor(np.asarray(sigma) if not isinstance(sigma, Tensor) else sigma)
             s = s.to(torch.float32).reshape(-1)
