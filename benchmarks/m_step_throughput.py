@@ -55,6 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="epochs per partial_fit call")
     p.add_argument("--image-samples", type=int, default=1024, help="rows for the image nets")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--networks",
+        nargs="+",
+        default=["mlp5", "mlp64", "unet", "transformer"],
+        choices=["mlp5", "mlp64", "unet", "transformer"],
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke run, writes nothing")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
@@ -110,20 +116,14 @@ def cases(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
     from diffem import denoisers
 
     common = {"batch_size": args.batch_size, "max_epochs": args.epochs, "random_state": 0}
-    out: list[tuple[str, Any, int]] = [
-        ("MLP, D = 5", denoisers.MLPDenoiser(**common), 5),
-        ("MLP, D = 64", denoisers.MLPDenoiser(**common), 64),
-        ("U-Net, 1x8x8", denoisers.UNetDenoiser(image_shape=(1, 8, 8), **common), 64),
-    ]
-    if hasattr(denoisers, "TransformerDenoiser"):
-        out.append(
-            (
-                "Transformer, 1x8x8",
-                denoisers.TransformerDenoiser(image_shape=(1, 8, 8), **common),
-                64,
-            )
-        )
-    return out
+    image = {"image_shape": (1, 8, 8), **common}
+    available = {
+        "mlp5": ("MLP, D = 5", denoisers.MLPDenoiser(**common), 5),
+        "mlp64": ("MLP, D = 64", denoisers.MLPDenoiser(**common), 64),
+        "unet": ("U-Net, 1x8x8", denoisers.UNetDenoiser(**image), 64),
+        "transformer": ("Transformer, 1x8x8", denoisers.TransformerDenoiser(**image), 64),
+    }
+    return [available[name] for name in args.networks]
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
