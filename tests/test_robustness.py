@@ -142,7 +142,7 @@ class TestValidation:
         other = Dense(np.ones((2, 3)), noise_std=0.1)  # acts on 3 features, not 4
         with pytest.raises(ValueError, match=r"operator acts on 3 features"):
             fitted.score_samples(np.ones((5, 2)), other)
-        with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        with pytest.raises(ValueError, match=r"n_samples must be an int in the range \[1, inf\)"):
             fitted.sample(0)
 
     def test_second_argument_not_an_operator(self, data) -> None:
