@@ -101,7 +101,7 @@ def as_float_tensor(
             raise TypeError(f"{name} must be array-like of numbers, got {kind}.") from error
         if array.dtype.kind not in "biuf":
             raise TypeError(f"{name} must be real-valued numbers, got dtype {array.dtype}.")
-        tensor = torch.as_tensor(array)
+        tensor = torch.as_tensor(np.ascontiguousarray(array) if array.ndim else array)
         if dtype is None:
             tensor = tensor.to(torch.get_default_dtype())
     if tensor.dtype == torch.bool or tensor.is_complex():
