@@ -62,8 +62,7 @@ class DemoConfig:
 
     ``steps``, ``solver``, ``cg_iter`` and ``warm_start`` configure the MMPS sampler of the
     E-step and of the prior samples; the defaults are the estimator's
-    (:func:`diffem.em.default_sampler`), whose accurate E-step no longer makes EM diverge on
-    this problem (``benchmarks/results/manifold.md``).
+    (:func:`diffem.em.default_sampler`).
     """
 
     n_samples: int = 8192
