@@ -165,12 +165,12 @@ def sliced_wasserstein(
 
 
 # --------------------------------------------------------------------------- Sinkhorn
-# POT has no Sinkhorn solver with epsilon-scaling (its method="geomloss" needs the geomloss
-# package): at reg = 0.05 on 256 + 256 points of the manifold data (d = 5), POT's
-# ot.solve_sample(..., debias=True) (log-domain Sinkhorn at fixed epsilon) took 7.1 s of CPU and
-# had not converged after its default 1000 iterations (55 s and 20000 iterations to converge),
-# where the symmetric solver below takes 0.04 s (one CPU thread, float32). It is kept for
-# metrics evaluated after every EM iteration; see sinkhorn_divergence for its accuracy.
+# What POT lacks: a Sinkhorn solver with epsilon-scaling (its method="geomloss" needs the
+# geomloss package). At reg = 0.05 on 256 + 256 points of the manifold data (d = 5, one CPU
+# thread), POT's ot.solve_sample(..., debias=True) (log-domain Sinkhorn at a fixed epsilon) took
+# 7.1 s and had not converged after its default 1000 iterations (55 s for the 20000 it needs),
+# where this fixed-budget solver takes 0.04 s; the demo evaluates the divergence after every EM
+# iteration. Its accuracy: sinkhorn_divergence's docstring and the docs (Benchmarks).
 def _softmin(eps: float, cost: Tensor, h: Tensor) -> Tensor:
     r""":math:`-\varepsilon \log \sum_j \exp(h_j - C_{ij} / \varepsilon)`, shape ``(n,)``."""
     return -eps * torch.logsumexp(h[None, :] - cost / eps, dim=1)
@@ -271,9 +271,9 @@ def sinkhorn_divergence(
       result is the dual value. About ``4 * (log(diameter^2 / reg) / log(1 / scaling) +
       n_final)`` log-sum-exp passes over ``(n, m)`` matrices, whatever the convergence: it
       agrees with ``"pot"`` when ``reg`` is large compared with the spacing of the samples
-      (2% at ``reg = 0.3`` on unit Gaussians) and underestimates it below (0.17 for 0.30 at
-      ``reg = 0.05`` on 256 manifold points). Use it to compare priors on one data set, with
-      one ``reg``; use ``"pot"`` for the value itself.
+      and underestimates it below (measurements in the documentation, *Benchmarks*). Use it
+      to compare priors on one data set with one ``reg``; use ``"pot"`` for the value
+      itself.
 
     Parameters
     ----------
