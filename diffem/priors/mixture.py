@@ -351,6 +351,8 @@ class GaussianMixturePrior(AnalyticPrior):
 
 def _categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One draw per row of ``probs`` ``(B, K)``, by inverse CDF on uniforms."""
+    # torch.multinomial(probs, 1) draws the same, 4 to 7 times slower on a CPU thread: 127 ms
+    # against 32 ms for 10^6 rows of 3 classes, 46 ms against 7 ms for 10^5 rows of 16.
     u = rand((probs.shape[0], 1), generator, probs.dtype, probs.device)
     cdf = probs.cumsum(-1)
     cdf = cdf / cdf[:, -1:]
