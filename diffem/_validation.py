@@ -99,7 +99,7 @@ def as_float_tensor(
         except (TypeError, ValueError) as error:
             kind = type(value).__name__
             raise TypeError(f"{name} must be array-like of numbers, got {kind}.") from error
-        if array.dtype.kind not in "biuf":
+        if array.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be real-valued numbers, got dtype {array.dtype}.")
         tensor = torch.as_tensor(np.ascontiguousarray(array) if array.ndim else array)
         if dtype is None:
