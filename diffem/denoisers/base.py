@@ -30,7 +30,6 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-import numbers
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +41,8 @@ from skorch.utils import to_tensor
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
+from .._random import torch_generator
+from .._validation import as_float_tensor, check_finite, check_int, check_number
 from ..schedule import EDMPreconditioning, VESchedule
 from .training import (
     CosineSchedule,
@@ -91,20 +92,6 @@ def _module_defaults(module: Any, exclude: tuple[str, ...]) -> dict[str, Any]:
             continue
         out[f"module__{name}"] = p.default
     return out
-
-
-def _seed_from_random_state(random_state: Any) -> int:
-    """A 62-bit seed from ``None`` (torch's global RNG), an int or a NumPy ``RandomState``."""
-    if random_state is None:
-        return int(torch.randint(0, 2**62, ()).item())
-    if isinstance(random_state, np.random.RandomState):
-        return int(random_state.randint(0, 2**31 - 1))
-    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
-        return int(random_state)
-    raise TypeError(
-        "random_state must be None, an int or a numpy.random.RandomState, got "
-        f"{type(random_state).__name__}."
-    )
 
 
 def _cloned(state: Any) -> Any:
@@ -294,33 +281,24 @@ class Denoiser(NeuralNet):
 
     def _check_hyperparameters(self) -> None:
         self.schedule  # noqa: B018  (validates sigma_min < sigma_max)
-        if not (isinstance(self.sigma_data, numbers.Real) and 0 < self.sigma_data < math.inf):
-            raise ValueError(f"sigma_data must be a positive float, got {self.sigma_data!r}.")
-        if self.ema_decay is not None and not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be None or in [0, 1), got {self.ema_decay!r}.")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ValueError(
-                f"clip_grad_norm must be None or positive, got {self.clip_grad_norm!r}."
-            )
+        check_number(self.sigma_data, "sigma_data", 0.0, low_open=True)
+        if self.ema_decay is not None:
+            check_number(self.ema_decay, "ema_decay", 0.0, 1.0, high_open=True)
+        if self.clip_grad_norm is not None:
+            check_number(self.clip_grad_norm, "clip_grad_norm", 0.0, low_open=True)
         if self.sigma_distribution not in _SIGMA_DISTRIBUTIONS:
             raise ValueError(
                 f"sigma_distribution must be one of {_SIGMA_DISTRIBUTIONS}, got "
                 f"{self.sigma_distribution!r}."
             )
-        if self.log_sigma_mean is not None and not (
-            isinstance(self.log_sigma_mean, numbers.Real) and math.isfinite(self.log_sigma_mean)
-        ):
-            raise ValueError(
-                f"log_sigma_mean must be None or a finite float, got {self.log_sigma_mean!r}."
-            )
-        if not (isinstance(self.log_sigma_std, numbers.Real) and 0 < self.log_sigma_std < math.inf):
-            raise ValueError(f"log_sigma_std must be a positive float, got {self.log_sigma_std!r}.")
+        if self.log_sigma_mean is not None:
+            check_number(self.log_sigma_mean, "log_sigma_mean", -math.inf)
+        check_number(self.log_sigma_std, "log_sigma_std", 0.0, low_open=True)
         if self.lr_schedule not in _LR_SCHEDULES:
             raise ValueError(
                 f"lr_schedule must be one of {_LR_SCHEDULES}, got {self.lr_schedule!r}."
             )
-        if not isinstance(self.max_epochs, numbers.Integral) or self.max_epochs < 0:
-            raise ValueError(f"max_epochs must be a non-negative integer, got {self.max_epochs!r}.")
+        check_int(self.max_epochs, "max_epochs", 0)
 
     def _default_features(self) -> int | None:
         """Data dimension to use when the net is initialised before seeing data."""
@@ -337,7 +315,7 @@ class Denoiser(NeuralNet):
         """CPU generator for seeds and shuffling (created from ``random_state``)."""
         rng = getattr(self, "rng_", None)
         if rng is None:
-            rng = torch.Generator().manual_seed(_seed_from_random_state(self.random_state))
+            rng = torch_generator(self.random_state)
             self.rng_ = rng
         return rng
 
@@ -440,16 +418,7 @@ class Denoiser(NeuralNet):
 
     def _as_tensor(self, X: Any, name: str = "X") -> Tensor:
         """Validate ``X`` of shape ``(n, D)`` (NumPy or torch) into a float32 tensor."""
-        if isinstance(X, Tensor):
-            t = X.detach()
-        else:
-            try:
-                t = torch.as_tensor(np.asarray(X))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(
-                    f"{name} must be a NumPy array or a torch tensor of shape "
-                    f"(n_samples, n_features), got {type(X).__name__}."
-                ) from exc
+        t = as_float_tensor(X, name, dtype=torch.float32)
         if t.ndim != 2:
             raise ValueError(
                 f"{name} must be 2-D of shape (n_samples, n_features), got shape {tuple(t.shape)}."
@@ -458,11 +427,7 @@ class Denoiser(NeuralNet):
             raise ValueError(
                 f"{name} must contain at least one sample, got shape {tuple(t.shape)}."
             )
-        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64, torch.bool)):
-            raise TypeError(f"{name} must have a real dtype, got {t.dtype}.")
-        t = t.to(torch.float32)
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or infinite values.")
+        check_finite(t, name)
         return t
 
     def _validate_data(self, X: Any, reset: bool) -> Tensor:

@@ -9,31 +9,11 @@ feature vector that modulates every residual block (adaptive scale and shift).
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NoiseEmbedding", "check_image_shape"]
-
-
-def check_image_shape(image_shape: Any) -> tuple[int, int, int]:
-    """``image_shape`` as a tuple of 3 positive ints ``(C, H, W)``; ``ValueError`` otherwise."""
-    try:
-        shape = tuple(int(s) for s in image_shape)
-        ok = (
-            len(shape) == 3
-            and all(s >= 1 for s in shape)
-            and all(isinstance(s, numbers.Integral) for s in image_shape)
-        )
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"image_shape must be a tuple of 3 positive integers (C, H, W), got {image_shape!r}."
-        )
-    return shape  # type: ignore[return-value]
+__all__ = ["NoiseEmbedding"]
 
 
 class NoiseEmbedding(nn.Module):

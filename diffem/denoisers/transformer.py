@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._validation import check_image_shape, check_int, check_number
 from .base import Denoiser
-from .layers import NoiseEmbedding, check_image_shape
+from .layers import NoiseEmbedding
 
 __all__ = ["Transformer", "TransformerDenoiser"]
 
@@ -119,14 +120,11 @@ class Transformer(nn.Module):
             ("n_blocks", n_blocks),
             ("heads", heads),
         ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+            check_int(value, name, 1)
         if hidden_features % heads:
             raise ValueError(f"heads ({heads}) must divide hidden_features ({hidden_features}).")
-        if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        check_number(mlp_ratio, "mlp_ratio", 0.0, low_open=True)
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         p = patch_size
         if image_shape is None:
             self.image_shape = None

@@ -10,8 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._validation import check_image_shape, check_int, check_number
 from .base import Denoiser
-from .layers import NoiseEmbedding, check_image_shape
+from .layers import NoiseEmbedding
 
 __all__ = ["UNet", "UNetDenoiser"]
 
@@ -138,10 +139,8 @@ class UNet(nn.Module):
                 f"image_shape {shape} is too small for {levels} resolution levels: H and W "
                 f"must be at least {2 ** (levels - 1)}; use fewer channels entries."
             )
-        if not isinstance(n_res_blocks, int) or n_res_blocks < 1:
-            raise ValueError(f"n_res_blocks must be an integer >= 1, got {n_res_blocks!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        check_int(n_res_blocks, "n_res_blocks", 1)
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         self.image_shape = shape
         self.embedding = NoiseEmbedding(emb_features)
         self.conv_in = nn.Conv2d(c, chans[0], 3, padding=1)
