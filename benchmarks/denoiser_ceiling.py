@@ -56,28 +56,35 @@ def candidates(epochs: int, batch_size: int, lr: float) -> dict[str, tuple[Calla
     """Named factories of unfitted denoisers, with a description."""
     from diffem.denoisers import MLPDenoiser, TransformerDenoiser, UNetDenoiser
 
-    common = {"max_epochs": epochs, "batch_size": batch_size, "lr": lr, "random_state": 0}
+    common = {"batch_size": batch_size, "lr": lr, "random_state": 0}
+    short = {"max_epochs": epochs, **common}
     lognormal = {"sigma_distribution": "log_normal"}
     image = {"image_shape": IMAGE_SHAPE}
     return {
-        "mlp": (lambda: MLPDenoiser(**common), "MLP 256x3, log-uniform sigma"),
+        "mlp": (lambda: MLPDenoiser(**short), f"MLP 256x3, log-uniform sigma, {epochs} epochs"),
         "mlp-lognormal": (
-            lambda: MLPDenoiser(**common, **lognormal),
-            "MLP 256x3, log-normal sigma",
+            lambda: MLPDenoiser(**short, **lognormal),
+            f"MLP 256x3, log-normal sigma, {epochs} epochs",
         ),
-        "mlp-wide-lognormal": (
-            lambda: MLPDenoiser(
-                **common, **lognormal, module__hidden_features=512, module__n_blocks=4
-            ),
-            "MLP 512x4, log-normal sigma",
+        "mlp-lognormal-long": (
+            lambda: MLPDenoiser(max_epochs=4 * epochs, **common, **lognormal),
+            f"MLP 256x3, log-normal sigma, {4 * epochs} epochs",
+        ),
+        "mlp-wide": (
+            lambda: MLPDenoiser(**short, module__hidden_features=512, module__n_blocks=4),
+            f"MLP 512x4, log-uniform sigma, {epochs} epochs",
+        ),
+        "unet": (
+            lambda: UNetDenoiser(**image, **short, module__channels=(16, 32)),
+            f"U-Net (16, 32), log-uniform sigma, {epochs} epochs",
         ),
         "unet-lognormal": (
-            lambda: UNetDenoiser(**image, **common, **lognormal, module__channels=(16, 32)),
-            "U-Net (16, 32), log-normal sigma",
+            lambda: UNetDenoiser(**image, **short, **lognormal, module__channels=(16, 32)),
+            f"U-Net (16, 32), log-normal sigma, {epochs} epochs",
         ),
         "transformer-lognormal": (
-            lambda: TransformerDenoiser(**image, **common, **lognormal),
-            "Transformer 128x4, patch 2, log-normal sigma",
+            lambda: TransformerDenoiser(**image, **short, **lognormal, module__patch_size=4),
+            f"Transformer 128x4, patch 4, log-normal sigma, {epochs} epochs",
         ),
     }
 

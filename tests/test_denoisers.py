@@ -662,3 +662,17 @@ def test_training_noise_level_distributions() -> None:
     for bad in [{"sigma_distribution": "normal"}, {"log_sigma_std": 0.0}, {"log_sigma_mean": "a"}]:
         with pytest.raises(ValueError, match=next(iter(bad))):
             MLPDenoiser(**bad, **SMALL).fit(X)
+
+
+def test_fresh_optimizer_and_learning_rate_between_calls() -> None:
+    X, _, _ = _gaussian(128)
+    net = MLPDenoiser(max_epochs=1, batch_size=64, ema_decay=0.9, random_state=0, **SMALL).fit(X)
+    weights, ema = _params(net.module_).clone(), _params(net.ema_module_).clone()
+    assert net.optimizer_.state  # moment estimates after training
+    net.initialize_optimizer()
+    assert not net.optimizer_.state and net.optimizer_.defaults["fused"] is True
+    assert torch.equal(_params(net.module_), weights)
+    assert torch.equal(_params(net.ema_module_), ema)
+    net.set_params(lr=0.01).partial_fit(X)
+    assert net.optimizer_.param_groups[0]["lr"] == 0.01
+    assert net.history[-1, "lr"] < 0.01 and int(net.ema_module_.n_averaged) == 4

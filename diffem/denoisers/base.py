@@ -147,20 +147,25 @@ class Denoiser(NeuralNet):
     sigma_data : float
         Data scale of the EDM preconditioning (:class:`~diffem.schedule.EDMPreconditioning`).
     ema_decay : float or None
-        Decay of an exponential moving average of the weights, updated after every
-        optimizer step with the warm-up :math:`\min(\text{decay}, (1 + k) / (10 + k))` at
-        step :math:`k`. When set, the call, :meth:`predict` and :meth:`loss` use the EMA
-        weights, which are pickled with the net (``ema_module_``).
+        Decay of an exponential moving average of the weights (torch's
+        :class:`~torch.optim.swa_utils.AveragedModel`), updated after every optimizer step
+        with the warm-up :math:`\min(\text{decay}, (1 + k) / (10 + k))` after :math:`k`
+        updates (the first copies the weights). When set, the call, :meth:`predict` and
+        :meth:`loss` use the EMA weights, which are pickled with the net (``ema_module_``).
     clip_grad_norm : float or None
-        Clip the global gradient norm to this value before each step (``None``: no clipping).
-        The pre-clipping norm is recorded per batch as ``grad_norm`` in the history.
+        Clip the global gradient norm to this value before each step (``None``: no clipping;
+        skorch's ``GradientNormClipping``, callback ``gradient_clipping``). The pre-clipping
+        norm is recorded per batch as ``grad_norm`` in the history.
     lr_schedule : {"cosine", "constant"}
         ``"cosine"`` decays the learning rate per batch from ``lr`` to 0 over the
-        ``max_epochs`` epochs of each ``fit``/``partial_fit`` call (a warm restart per call);
-        use ``"constant"`` when passing your own ``LRScheduler`` callback.
+        ``max_epochs`` epochs of each ``fit``/``partial_fit`` call (a warm restart per call;
+        skorch's ``LRScheduler`` with torch's ``CosineAnnealingLR``, callback
+        ``lr_schedule``); use ``"constant"`` when passing your own ``LRScheduler`` callback.
+        The learning rate is back at ``lr`` after each call.
     random_state : int, numpy.random.RandomState or None
-        Seeds weight initialisation, shuffling and the training noise. ``None`` draws from
-        torch's global RNG. Training is reproducible on the same device.
+        Seeds weight initialisation, shuffling and the training noise, with scikit-learn's
+        semantics (``None`` draws from NumPy's global random state). Training is
+        reproducible on the same device.
     warm_start : bool
         If true, :meth:`fit` continues from the current weights and optimizer state, like
         :meth:`partial_fit`.
@@ -170,18 +175,24 @@ class Denoiser(NeuralNet):
         Where the module is trained and evaluated (``"cpu"``, ``"cuda"``, ...).
     **kwargs
         Other skorch parameters, prefixed as usual: ``module__*``, ``optimizer__*``,
-        ``iterator_train__*``, ``callbacks__*``.
+        ``iterator_train__*``, ``callbacks__*``. The optimizer uses torch's fused kernels
+        (``fused=True``; ``foreach=True`` for optimizers without one) unless
+        ``optimizer__fused`` or ``optimizer__foreach`` is given; the batches are slices of a
+        shuffled index (:class:`~diffem.denoisers.training.TensorBatches`).
 
     Attributes
     ----------
     module_ : torch.nn.Module
         The trained network :math:`F_\theta`.
-    ema_module_ : torch.nn.Module or None
-        Its exponential moving average (``ema_decay`` set).
+    ema_module_ : torch.optim.swa_utils.AveragedModel or None
+        Its exponential moving average (``ema_decay`` set); ``ema_module_.n_averaged``
+        counts the updates.
     n_features_in_ : int
         Data dimension ``D`` seen at fit.
     history_ : skorch.History
         Per-epoch ``train_loss``, ``lr``, ``dur``; per-batch ``train_loss``, ``grad_norm``.
+    total_steps_ : int
+        Optimizer steps of the current (or last) ``fit``/``partial_fit`` call.
 
     Notes
     -----
@@ -189,6 +200,10 @@ class Denoiser(NeuralNet):
     a float or a ``(B,)`` tensor returns :math:`D_\theta(x_t, \sigma)` of shape ``(B, D)`` in
     ``x_t``'s dtype and device, computed in eval mode on the module's device and dtype,
     differentiable with respect to ``x_t`` (vector-Jacobian products work).
+
+    Between :meth:`partial_fit` calls (the M-steps of EM), ``set_params(lr=...)`` changes the
+    peak learning rate of the next calls, and ``initialize_optimizer()`` starts a fresh
+    optimizer (no moment estimates) while keeping the weights and the EMA.
     """
 
     #: backbone class whose keyword defaults are exposed as ``module__*`` parameters
