@@ -431,22 +431,16 @@ class Denoiser(NeuralNet):
 
     # ------------------------------------------------------------------ data
 
-    def _as_tensor(self, X: Any, name: str = "X") -> Tensor:
-        """Validate ``X`` of shape ``(n, D)`` (NumPy or torch) into a float32 tensor."""
-        t = as_float_tensor(X, name, dtype=torch.float32)
-        if t.ndim != 2:
-            raise ValueError(
-                f"{name} must be 2-D of shape (n_samples, n_features), got shape {tuple(t.shape)}."
-            )
-        if t.shape[0] < 1:
-            raise ValueError(
-                f"{name} must contain at least one sample, got shape {tuple(t.shape)}."
-            )
-        check_finite(t, name)
-        return t
-
     def _validate_data(self, X: Any, reset: bool) -> Tensor:
-        t = self._as_tensor(X)
+        """``X`` ``(n, D)`` (NumPy or torch) as a finite float32 tensor whose ``D`` matches the
+        net (or sets ``n_features_in_`` when ``reset``)."""
+        t = as_float_tensor(X, "X", dtype=torch.float32)
+        if t.ndim != 2 or t.shape[0] < 1:
+            raise ValueError(
+                "X must be 2-D of shape (n_samples, n_features) with n_samples >= 1, got "
+                f"shape {tuple(t.shape)}."
+            )
+        check_finite(t, "X")
         d = t.shape[1]
         expected = self._default_features()
         if expected is not None and d != expected:
