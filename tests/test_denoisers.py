@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import warnings
+from collections.abc import Iterator
 
 import joblib
 import numpy as np
@@ -409,27 +411,74 @@ def _joblib_round_trip(obj):
     return joblib.load(buf)
 
 
+@contextlib.contextmanager
+def _saved_as_cuda(net: Denoiser) -> Iterator[None]:
+    """Inside the block, torch serialises the net's weights, EMA weights and optimizer state
+    with the storage location ``"cuda:0"``, byte for byte what a net trained on a GPU writes;
+    other tensors (the CPU generator) keep ``"cpu"``. Loading such bytes without a
+    ``map_location`` fails on a machine without CUDA."""
+    states = [net.module_.state_dict(), net.optimizer_.state_dict()]
+    if net.ema_module_ is not None:
+        states.append(net.ema_module_.state_dict())
+    pointers = set()
+    for state in states:
+        for value in _tensors(state):
+            pointers.add(value.untyped_storage().data_ptr())
+    net.device = "cuda"
+
+    def tagger(storage):
+        return "cuda:0" if storage.data_ptr() in pointers else None
+
+    entry = (-1, tagger, lambda storage, location: None)
+    torch.serialization._package_registry.insert(0, entry)
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry.remove(entry)
+        net.device = "cpu"
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading without CUDA")
 @pytest.mark.parametrize("kind", ["mlp", "unet", "transformer"])
-def test_net_saved_for_cuda_loads_on_cpu(kind: str) -> None:
+def test_net_saved_on_cuda_loads_on_cpu(kind: str, tmp_path) -> None:
     X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
     net = _small_nets(max_epochs=1, batch_size=32, ema_decay=0.9, random_state=0)[kind].fit(X)
     x = torch.randn(4, 16)
     expected = net(x, 0.3)
-    net.device = "cuda"  # as if it had been trained on a GPU
-    blob = pickle.dumps(net)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = pickle.loads(blob)
-    assert any("not available" in str(w.message) for w in caught)
-    assert loaded.device == "cpu"
-    assert torch.equal(loaded(x, 0.3), expected)
-    assert next(loaded.ema_module_.parameters()).device.type == "cpu"
-    loaded.partial_fit(torch.randn(32, 16))
-    # moving a fitted net keeps its weights
-    moved = loaded.to("cpu")
-    assert moved is loaded and moved.device == "cpu"
-    assert next(moved.module_.parameters()).device.type == "cpu"
+    with _saved_as_cuda(net):
+        blob = pickle.dumps(net)
+        joblib.dump(net, tmp_path / "net.joblib")
+        net.save_params(f_params=tmp_path / "module.pt", f_optimizer=tmp_path / "opt.pt")
+    # the simulation is faithful: the bytes name a CUDA device
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "module.pt", weights_only=True)
+    for load in (lambda: pickle.loads(blob), lambda: joblib.load(tmp_path / "net.joblib")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load()
+        assert any("not available" in str(w.message) for w in caught)
+        assert loaded.device == "cpu"
+        assert torch.equal(loaded(x, 0.3), expected)
+        for module in (loaded.module_, loaded.ema_module_):
+            assert next(module.parameters()).device.type == "cpu"
+        loaded.partial_fit(torch.randn(32, 16))  # optimizer state on the CPU too
+        moved = loaded.to("cpu")
+        assert moved is loaded and next(moved.module_.parameters()).device.type == "cpu"
+    # skorch's save_params / load_params into a fresh CPU net
+    fresh = clone(net).initialize_for(16)
+    fresh.load_params(f_params=tmp_path / "module.pt", f_optimizer=tmp_path / "opt.pt")
+    torch.testing.assert_close(_params(fresh.module_), _params(net.module_))
 
 
 def test_validation_split_records_valid_loss() -> None:

@@ -173,6 +173,15 @@ class CosineSchedule(LRScheduler):
         if self.lr_scheduler_ is not None:
             super().on_batch_end(net, training, **kwargs)
 
+    def on_train_end(self, net: Any, **kwargs: Any) -> None:
+        self.lr_scheduler_ = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The scheduler lives for one call. Pickled, it would carry a second copy of the
+        # optimizer and its weights outside skorch's device mapping, which cannot be loaded
+        # without CUDA when the net was trained on a GPU.
+        return {**self.__dict__, "lr_scheduler_": None}
+
 
 class GradientNormClipping(_SkorchGradientNormClipping):
     """skorch's :class:`~skorch.callbacks.GradientNormClipping` (torch's
