@@ -38,8 +38,7 @@ __all__ = [
     "fast_optimizer_defaults",
 ]
 
-#: torch optimizers with a fused CPU and CUDA kernel (measured: AdamW on the default MLP,
-#: 0.7 ms per step fused, 2.6 ms multi-tensor, 3.4 ms single-tensor, one CPU thread)
+# torch optimizers with a fused CPU and CUDA kernel (measurements in docs/benchmarks.md)
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 
 
@@ -187,13 +186,13 @@ class GradientNormClipping(_SkorchGradientNormClipping):
     """skorch's :class:`~skorch.callbacks.GradientNormClipping` (torch's
     :func:`~torch.nn.utils.clip_grad_norm_` on the learnable parameters), keeping the
     pre-clipping norm that torch returns and skorch discards: it is recorded per batch as
-    ``grad_norm``, which the net checks is finite.
-    Computing the norm a second time instead would cost about a third of the clipping
-    (0.27 of 0.54 ms per step on the default MLP, one CPU thread)."""
+    ``grad_norm``, which the net checks is finite."""
 
     def on_grad_computed(self, net: Any, named_parameters: Any, **kwargs: Any) -> None:
         if self.gradient_clip_value is None:
             return
+        # skorch's callback discards the norm; computing it again would cost half as much
+        # as the clipping itself (docs/benchmarks.md)
         norm = torch.nn.utils.clip_grad_norm_(
             [p for _, p in named_parameters],
             max_norm=self.gradient_clip_value,
