@@ -601,6 +601,35 @@ def test_every_denoiser_clones_pickles_and_grid_searches(kind: str) -> None:
     assert torch.equal(loaded(x, 0.5), fitted(x, 0.5))
 
 
+@pytest.mark.parametrize("kind", ["mlp", "unet", "transformer"])
+def test_every_denoiser_is_searchable_inside_the_estimator(kind: str) -> None:
+    from sklearn.model_selection import GridSearchCV
+
+    from diffem import DiffusionPriorEM
+    from diffem.operators import Identity
+    from diffem.samplers import MMPS
+
+    g = torch.Generator().manual_seed(0)
+    Y = (0.5 * torch.randn(48, 16, generator=g) + 0.1 * torch.randn(48, 16, generator=g)).numpy()
+    em = DiffusionPriorEM(
+        denoiser=_small_nets(max_epochs=1, batch_size=16, random_state=0)[kind],
+        sampler=MMPS(steps=2),
+        n_iter=1,
+        gaussian_iter=2,
+        n_score_samples=1,
+        score_steps=2,
+        device="cpu",
+        random_state=0,
+    )
+    key = "denoiser__module__emb_features"
+    search = GridSearchCV(em, {key: [8, 16]}, cv=2, error_score="raise")
+    search.fit(Y, Identity(16, noise_std=0.1).expand(len(Y)))
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    denoiser = search.best_estimator_.denoiser_
+    assert isinstance(denoiser, type(em.denoiser))
+    assert denoiser.module_.embedding.mlp[0].out_features == search.best_params_[key]
+
+
 # ---------------------------------------------------------------- training-loop parts
 
 

@@ -96,7 +96,7 @@ def _module_defaults(module: Any, exclude: tuple[str, ...]) -> dict[str, Any]:
 
 def _cloned(state: Any) -> Any:
     """A copy of a (nested dict/list) state dict with its tensors cloned."""
-    # copy.deepcopy does the same 5x slower on the default MLP's states (docs/benchmarks.md)
+    # copy.deepcopy does the same 4x to 5x slower on the default MLP's states (docs/benchmarks.md)
     if isinstance(state, Tensor):
         return state.detach().clone()
     if isinstance(state, dict):

@@ -191,7 +191,7 @@ class GradientNormClipping(_SkorchGradientNormClipping):
     def on_grad_computed(self, net: Any, named_parameters: Any, **kwargs: Any) -> None:
         if self.gradient_clip_value is None:
             return
-        # skorch's callback discards the norm; computing it again would cost half as much
+        # skorch's callback discards the norm; computing it again would cost 60% as much
         # as the clipping itself (docs/benchmarks.md)
         norm = torch.nn.utils.clip_grad_norm_(
             [p for _, p in named_parameters],
