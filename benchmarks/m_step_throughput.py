@@ -126,6 +126,50 @@ def cases(args: argparse.Namespace) -> list[tuple[str, Any, int]]:
     return [available[name] for name in args.networks]
 
 
+def parts(args: argparse.Namespace, device: torch.device) -> list[list[str]]:
+    """Milliseconds per call of the pieces the training loop chooses between, on the default
+    MLP (``D = 64``) after one backward pass of a batch: an AdamW step with torch's fused,
+    multi-tensor (``foreach``) and single-tensor kernels; gradient clipping, and the norm
+    alone (what recomputing it would cost); the epoch snapshot of the weights and optimizer
+    state by :func:`diffem.denoisers.base._cloned` and by ``copy.deepcopy``."""
+    from diffem.denoisers import MLPDenoiser
+    from diffem.denoisers.base import _cloned
+
+    net = MLPDenoiser(random_state=0, device=str(device)).initialize_for(64)
+    module = net.module_
+    x = torch.randn(args.batch_size, 64, device=device)
+    c_noise = torch.zeros(args.batch_size, device=device)
+    module(x, c_noise).square().mean().backward()
+    calls = 20
+
+    def repeated(function: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(calls):
+                function()
+
+        return run
+
+    functions: dict[str, Callable[[], None]] = {}
+    for kernel in ("fused", "foreach", "single"):
+        options = {"fused": True} if kernel == "fused" else {"foreach": kernel == "foreach"}
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-9, **options)
+        optimizer.step()  # allocates the moments
+        functions[f"AdamW step ({kernel})"] = repeated(optimizer.step)
+    params = list(module.parameters())
+    functions["clip_grad_norm_ (norm and scaling)"] = repeated(
+        lambda: torch.nn.utils.clip_grad_norm_(params, 1e9)
+    )
+    functions["gradient norm alone"] = repeated(
+        lambda: torch.nn.utils.get_total_norm([p.grad for p in params])
+    )
+    state = {"module": module.state_dict(), "optimizer": optimizer.state_dict()}
+    functions["epoch snapshot, _cloned"] = repeated(lambda: _cloned(state))
+    functions["epoch snapshot, copy.deepcopy"] = repeated(lambda: copy.deepcopy(state))
+    timings = timed_medians(functions, device, repeats=args.repeats)
+    column = 0 if device.type == "cuda" else 1
+    return [[name, f"{1e3 * value[column] / calls:.3f}"] for name, value in timings.items()]
+
+
 def main(argv: list[str] | None = None) -> list[list[str]]:
     args = parse_args(argv)
     if args.quick:
@@ -148,24 +192,19 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         optimizer = type(net.optimizer_)(module.parameters(), **params)
         default_module = copy.deepcopy(net.module_)
         default_optimizer = torch.optim.AdamW(default_module.parameters(), lr=net.lr)
-        schedule = (net.sigma_min, net.sigma_max, net.sigma_data)
-        plain = plain_loop(
-            module,
-            optimizer,
-            X,
-            args.batch_size,
-            args.epochs,
-            *schedule,
-            torch.Generator(device=device).manual_seed(1),
-        )
-        plain_default = plain_loop(
-            default_module,
-            default_optimizer,
-            X,
-            args.batch_size,
-            args.epochs,
-            *schedule,
-            torch.Generator(device=device).manual_seed(1),
+        plain, plain_default = (
+            plain_loop(
+                m,
+                o,
+                X,
+                args.batch_size,
+                args.epochs,
+                net.sigma_min,
+                net.sigma_max,
+                net.sigma_data,
+                torch.Generator(device=device).manual_seed(1),
+            )
+            for m, o in ((module, optimizer), (default_module, default_optimizer))
         )
         steps = math.ceil(n / args.batch_size) * args.epochs
 
@@ -209,6 +248,8 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     ]
     table = markdown_table(header, rows)
     print(table)
+    parts_table = markdown_table(["part (default MLP, D = 64)", "ms per call"], parts(args, device))
+    print(parts_table)
     if args.quick and args.out is None:
         return rows
     out = Path(args.out) if args.out else RESULTS_DIR / "m_step_throughput.md"
@@ -225,6 +266,13 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         "plain: the same module, loss, optimizer and batch size in a bare torch loop",
         "",
         table,
+        "",
+        "## The parts the training loop chooses between",
+        "",
+        f"One call each after a backward pass at batch {args.batch_size}; median {measure} "
+        f"time of {args.repeats} interleaved rounds of 20 calls.",
+        "",
+        parts_table,
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
