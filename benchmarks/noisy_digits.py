@@ -274,14 +274,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {"rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figure = image_grid(
-        {k: np.clip(v, -1, 1) for k, v in figure_rows.items()},
-        IMAGE_SHAPE,
-        vmin=-1.0,
-        vmax=1.0,
-        title=f"Held-out digits, noise {args.noise_std}: posterior samples and means",
-    )
-    fig_path = save_figure(figure, out / f"{args.name}.png")
+    figure_lines = []
+    if not args.skip_em:
+        figure = image_grid(
+            {k: np.clip(v, -1, 1) for k, v in figure_rows.items()},
+            IMAGE_SHAPE,
+            vmin=-1.0,
+            vmax=1.0,
+            title=f"Held-out digits, noise {args.noise_std}: posterior samples and means",
+        )
+        fig_path = save_figure(figure, out / f"{args.name}.png")
+        figure_lines = [f"![posterior samples]({fig_path.name})", ""]
     lines = [
         "# Noisy digits: "
         + (
@@ -306,8 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "",
         table,
         "",
-        f"![posterior samples]({fig_path.name})",
-        "",
+        *figure_lines,
     ]
     (out / f"{args.name}.md").write_text("\n".join(lines))
     log(f"total {total:.0f} s; wrote {out / f'{args.name}.md'}")
