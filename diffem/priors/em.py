@@ -61,6 +61,7 @@ from diffem.priors._common import (
     rand,
 )
 from diffem.priors.gaussian import GaussianPrior, _check_psd_eig
+from diffem.priors.linearize import fit_gaussian_linearized
 from diffem.priors.mixture import GaussianMixturePrior
 
 __all__ = ["fit_gaussian", "fit_gaussian_mixture"]
@@ -168,7 +169,9 @@ def fit_gaussian(
     Y : array ``(n, M)``
         Observations; unobserved (pinned) entries are ignored and may be NaN.
     operator : :class:`~diffem.operators.Operator`
-        Batch ``n`` or 1 (shared).
+        Batch ``n`` or 1 (shared). A :class:`~diffem.operators.Nonlinear` one is linearised
+        about each posterior mean at every iteration
+        (:func:`~diffem.priors.linearize.fit_gaussian_linearized`).
     n_iter : int
         Number of EM iterations.
     rank : int or None
@@ -209,6 +212,11 @@ def fit_gaussian(
         Its ``history_`` attribute holds the per-iteration mean log-evidences.
     history : list of float, only with ``return_history=True``
     """
+    if isinstance(operator, Operator) and not operator.is_linear:  # iterated linearisation
+        return fit_gaussian_linearized(
+            Y, operator, n_iter, rank, generator, init, ridge=ridge, tol=tol, device=device,
+            dtype=dtype, return_history=return_history, method=method,
+        )  # fmt: skip
     n_iter = check_n(n_iter, "n_iter") if n_iter != 0 else 0
     if rank is not None:
         rank = check_n(rank, "rank")

@@ -32,6 +32,11 @@ denoiser; SMC uses it as twisting function.
 
 :class:`ResidualGradient` is DPS (Chung et al., 2023): a normalised gradient step on
 :math:`\lVert y - A \hat{x} \rVert`.
+
+A nonlinear operator :math:`y = f(x) + e` (:class:`~diffem.operators.Nonlinear`) is linearised
+at :math:`\hat{x}`: the residual is :math:`y - f(\hat{x})` and :math:`A` above is the Jacobian
+:math:`\partial f(\hat{x}) / \partial x`, applied by Jacobian-vector and vector-Jacobian
+products (``operator.linearize(x_hat)``; a linear operator is its own linearisation).
 """
 
 from __future__ import annotations
@@ -191,6 +196,7 @@ class GaussianLikelihood(Guidance):
         v_max = float(self.variance_bounds[1]) * r2
         var = operator.noise_var
         residual = y - operator.apply(x_hat.detach())
+        operator = operator.linearize(x_hat.detach())  # the Jacobian at x_hat if nonlinear
         max_iter = operator.n_measurements if self.cg_iter is None else int(self.cg_iter)
         start, start_image, rhs = None, None, residual
         if initial is not None and self.covariance == "jacobian":
@@ -381,6 +387,7 @@ class ResidualGradient(Guidance):
     ) -> Guided:
         x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
         residual = y - operator.apply(x_hat.detach())
+        operator = operator.linearize(x_hat.detach())  # the Jacobian at x_hat if nonlinear
         norm = torch.linalg.vector_norm(residual, dim=-1, keepdim=True)
         good = norm > 0
         direction = torch.where(good, residual / torch.where(good, norm, 1.0), 0.0)
