@@ -144,9 +144,7 @@ def fit_gaussian_linearized(
     history: list[float] = []
     start = None
     for iteration in range(n_iter + 1):
-        y_tilde, jacobian = linearize_observations(
-            prior, y, op, start=start, n_iter=linearize_iter
-        )
+        y_tilde, jacobian = linearize_observations(prior, y, op, start=start, n_iter=linearize_iter)
         start = jacobian.point
         if iteration == n_iter:
             history.append(float(prior._log_evidence_torch(y_tilde, jacobian).mean()))
