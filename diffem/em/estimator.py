@@ -497,7 +497,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
             X = self._e_step(Y, op, generator)
             record["e_step_seconds"] = time.perf_counter() - tic
-            record["e_step_exact"] = self.n_iter_ == 0
+            record["e_step_exact"] = self.n_iter_ == 0 and op.is_linear  # else linearised
             if not bool(torch.isfinite(X).all()):
                 raise DivergenceError(
                     f"the E-step of EM iteration {k + 1} produced non-finite samples."

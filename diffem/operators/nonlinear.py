@@ -8,10 +8,11 @@ A :class:`Nonlinear` operator wraps a torch function ``forward(x, params) -> y``
 differentiation, never a dense matrix:
 
 .. math::
-    J_i v = \frac{\mathrm{d}}{\mathrm{d}\epsilon} f(\bar{x}_i + \epsilon v; \theta_i)
-    \Big|_{\epsilon = 0} \ (\text{forward mode, } \texttt{torch.func.jvp}), \qquad
-    J_i^\top u = \nabla_x \big(u^\top f(x; \theta_i)\big)\big|_{x = \bar{x}_i}
-    \ (\text{reverse mode, } \texttt{torch.func.vjp}).
+    J_i^\top u = \nabla_x \big(u^\top f(x; \theta_i)\big)\big|_{x = \bar{x}_i}, \qquad
+    J_i v = \nabla_u \big(v^\top J_i^\top u\big)
+
+(vector-Jacobian products, and Jacobian-vector products by the double-backward identity, both
+through one autograd graph of :math:`f` at :math:`\bar{x}`).
 
 Every linear operator's :meth:`~diffem.operators.Operator.linearize` returns the operator
 itself, so a guidance computes :math:`r = y - f(\hat{x})` with ``operator.apply`` and then
@@ -24,7 +25,7 @@ the paper's code for nonlinear forward models (Rozet et al., 2024).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,9 +119,9 @@ class Nonlinear(_Differentiable):
     forward : callable ``forward(x, params) -> y``
         A differentiable torch function mapping ``x`` ``(B, D)`` and ``params`` ``(B, ...)``
         (or ``None``) to ``y`` ``(B, M)``, row by row; it receives ``params`` with the same
-        number of rows as ``x``, in ``x``'s floating dtype. It must support
-        ``torch.func.jvp`` and ``torch.func.vjp`` (pure torch operations, no in-place changes
-        of its inputs) and, for pickling (joblib, checkpoints, ``GridSearchCV`` with
+        number of rows as ``x``, in ``x``'s floating dtype. It must be twice differentiable by
+        autograd (a composition of differentiable torch operations that does not modify its
+        inputs in place) and, for pickling (joblib, checkpoints, ``GridSearchCV`` with
         ``n_jobs``), be a function defined at the top level of a module: a lambda or a
         closure works but does not pickle.
     n_features, n_measurements : int
@@ -189,16 +190,30 @@ class Nonlinear(_Differentiable):
         return Linearized(self, x.detach())
 
 
+class _Graph(NamedTuple):
+    """The autograd graph of :math:`f` at the linearisation points, for both products."""
+
+    x: Tensor  # (B, D) leaf: the points
+    y: Tensor  # (B, M) f(x)
+    u: Tensor  # (B, M) leaf: a dummy cotangent
+    jtu: Tensor | None  # (B, D) J^T u, built with its graph (None if f does not depend on x)
+
+
 class Linearized(_Differentiable):
     r"""The Jacobians :math:`J_i` of a :class:`Nonlinear` operator at points
     :math:`\bar{x}_i`, a linear :class:`~diffem.operators.Operator` with the same noise.
 
-    :meth:`apply` is a Jacobian-vector product (forward mode, one evaluation of :math:`f` and
-    its tangent) and :meth:`adjoint` a vector-Jacobian product (reverse mode; the graph of
-    :math:`f` at :math:`\bar{x}` is kept after the first call and reused), so no ``(M, D)``
-    matrix is formed; :meth:`~diffem.operators.Operator.matrix` builds the dense Jacobians from
-    ``min(n, D)`` products for exact Gaussian computations. Built by
-    :meth:`Nonlinear.linearize`; indexable, picklable and movable like any operator.
+    Both products are reverse-mode automatic differentiation through one graph of :math:`f` at
+    :math:`\bar{x}`, built on first use and kept: :meth:`adjoint` is the vector-Jacobian
+    product :math:`J^\top w = \nabla_x (w^\top f(x))`, and :meth:`apply` the Jacobian-vector
+    product by the double-backward identity :math:`J v = \nabla_u (v^\top J^\top u)`, where
+    :math:`J^\top u` was built with its graph for a dummy :math:`u` (it is linear in
+    :math:`u`). So ``forward`` must be twice differentiable by autograd (any composition of
+    differentiable torch operations is), each product costs about one backward pass, and no
+    ``(M, D)`` matrix is formed; :meth:`~diffem.operators.Operator.matrix` builds the dense
+    Jacobians from ``min(n, D)`` products for exact Gaussian computations. (Forward-mode
+    ``torch.func.jvp`` would load torch's compiler stack on first use, seconds of start-up.)
+    Built by :meth:`Nonlinear.linearize`; indexable, picklable and movable like any operator.
 
     Attributes
     ----------
@@ -213,49 +228,59 @@ class Linearized(_Differentiable):
         self.point = point
         self.noise_std = operator.noise_std
         self._n = max(len(operator), point.shape[0])
-        self._vjp: dict[int, Any] = {}
+        self._graphs: dict[tuple[int, torch.dtype], _Graph] = {}
 
     def value(self) -> Tensor:
         r""":math:`f(\bar{x}_i; \theta_i)`, shape ``(n, M)``."""
-        return self._pullback(self._n)[0]
+        return self._graph(self._n, self.point.dtype).y.detach()
 
     def apply(self, x: Tensor) -> Tensor:
-        r""":math:`J_i x_i`, shape ``(n, D) -> (n, M)``, by ``torch.func.jvp``."""
+        r""":math:`J_i x_i`, shape ``(n, D) -> (n, M)``."""
         self._check_input(x, self._d, "x")
-        batch = self._batch(x.shape[0])
-        # Forward-mode duals need their own memory: expanded rows are materialised.
-        point = _rows(self.point.to(x.dtype), batch).contiguous()
-        _, tangent = torch.func.jvp(
-            lambda z: self._evaluate(z, batch), (point,), (_rows(x, batch).contiguous(),)
-        )
-        return tangent
+        graph = self._graph(self._batch(x.shape[0]), x.dtype)
+        if graph.jtu is None:
+            return torch.zeros_like(graph.u)
+        with torch.enable_grad():
+            (jv,) = torch.autograd.grad(
+                graph.jtu, graph.u, _rows(x, len(graph.x)), retain_graph=True, allow_unused=True
+            )
+        return torch.zeros_like(graph.u) if jv is None else jv
 
     def adjoint(self, y: Tensor) -> Tensor:
-        r""":math:`J_i^\top y_i`, shape ``(n, M) -> (n, D)``, by ``torch.func.vjp``."""
+        r""":math:`J_i^\top y_i`, shape ``(n, M) -> (n, D)``."""
         self._check_input(y, self._m, "y")
-        batch = self._batch(y.shape[0])
-        value, pullback = self._pullback(batch)
-        (grad,) = pullback(_rows(y, batch).to(value.dtype))
-        return grad
+        graph = self._graph(self._batch(y.shape[0]), y.dtype)
+        if not graph.y.requires_grad:  # f does not depend on x
+            return torch.zeros_like(graph.x)
+        with torch.enable_grad():
+            (jtw,) = torch.autograd.grad(
+                graph.y, graph.x, _rows(y, len(graph.x)), retain_graph=True, allow_unused=True
+            )
+        return torch.zeros_like(graph.x) if jtw is None else jtw
 
-    def _pullback(self, batch: int) -> tuple[Tensor, Callable[[Tensor], tuple[Tensor]]]:
-        """``f`` at the points (expanded to ``batch`` rows) and its vector-Jacobian function,
-        computed once per batch size."""
-        if batch not in self._vjp:
+    def _graph(self, batch: int, dtype: torch.dtype) -> _Graph:
+        """The graph at the points expanded to ``batch`` rows in ``dtype``, built once."""
+        key = (batch, dtype)
+        if key not in self._graphs:
             with torch.enable_grad():
-                value, pullback = torch.func.vjp(
-                    lambda z: self._evaluate(z, batch), _rows(self.point, batch).contiguous()
-                )
-            self._vjp[batch] = (value.detach(), pullback)
-        return self._vjp[batch]
+                x = _rows(self.point.to(dtype), batch).detach().clone().requires_grad_(True)
+                y = self._evaluate(x, batch)
+                u = torch.zeros_like(y, requires_grad=True)
+                jtu = None
+                if y.requires_grad:
+                    (jtu,) = torch.autograd.grad(y, x, u, create_graph=True, allow_unused=True)
+                if jtu is not None and not jtu.requires_grad:
+                    jtu = None  # J^T u does not depend on u: J = 0
+            self._graphs[key] = _Graph(x, y, u, jtu)
+        return self._graphs[key]
 
-    # The cached pullback belongs to one batch, device and dtype: copies start without it.
+    # The cached graphs belong to one batch, device and dtype: copies start without them.
     def __copy__(self) -> Linearized:
         new = super().__copy__()
-        new._vjp = {}
+        new._graphs = {}
         return new
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_vjp"] = {}
+        state["_graphs"] = {}
         return state

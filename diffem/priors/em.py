@@ -84,6 +84,8 @@ def _observation_set(Y: Any, operator: Operator, device: torch.device) -> Observ
         raise TypeError(
             f"operator must be a diffem.operators.Operator, got {type(operator).__name__}."
         )
+    if not operator.is_linear:
+        raise TypeError("fit_gaussian_mixture needs a linear operator, got a Nonlinear one.")
     return ObservationSet(Y, operator, operator.n_features, device)
 
 

@@ -41,19 +41,47 @@ from diffem.priors._common import ObservationSet, check_n
 __all__ = ["fit_gaussian_linearized", "linearize_observations"]
 
 
+def _prior_energy(prior: Any, v: Tensor) -> Tensor:
+    r""":math:`v^\top C^{-1} v` for deviations ``v`` ``(n, D)`` from the prior mean (float64):
+    from the eigendecomposition of a full covariance (null directions floored), or by the
+    Woodbury identity for :math:`C = F F^\top + \operatorname{diag}(d)`."""
+    if prior.factor is None:
+        vals, vecs = prior._eig(torch.float64, v.device)
+        floor = float(vals.max().clamp_min(1e-300)) * torch.finfo(torch.float64).eps
+        return ((v @ vecs) ** 2 / vals.clamp_min(floor)).sum(-1)
+    factor = prior.factor.to(device=v.device, dtype=torch.float64)
+    diag = prior.diag.to(device=v.device, dtype=torch.float64).clamp_min(1e-300)
+    scaled = v / diag
+    w = scaled @ factor  # (n, r)
+    inner = torch.eye(factor.shape[1], dtype=v.dtype, device=v.device) + factor.mT @ (
+        factor / diag[:, None]
+    )
+    return (v * scaled).sum(-1) - (w * torch.linalg.solve(inner, w.mT).mT).sum(-1)
+
+
 def linearize_observations(
     prior: Any,
     Y: Any,
     operator: Nonlinear,
     *,
     start: Tensor | None = None,
-    n_iter: int = 16,
-    rtol: float = 1e-6,
+    n_iter: int = 32,
+    rtol: float = 1e-5,
+    max_halvings: int = 10,
 ) -> tuple[Tensor, Linearized]:
     r"""The observations and operator of the model linearised about each posterior mean.
 
     Runs at most ``n_iter`` iterated extended Kalman updates (module docstring) and returns the
-    linearisation at the last iterate :math:`x^{(j)}`.
+    linearisation at the last iterate :math:`x^{(j)}`. Each update is damped: the step to the
+    Gauss-Newton point is halved (at most ``max_halvings`` times, then not taken) until the
+    MAP objective :math:`\tfrac12 \lVert y - f(x) \rVert^2_{\Sigma^{-1}} + \tfrac12
+    \lVert x - \mu \rVert^2_{C^{-1}}` decreases, so that the iterates cannot oscillate between
+    two solutions (the damped iterated update of Skoglund, Hendeby & Axehill, 2015, "Extended
+    Kalman filter modifications based on an optimization view point", FUSION); they converge
+    to a local MAP point. Their convergence is linear, slow where the residuals are large
+    compared with the curvature that Gauss-Newton neglects (on the range-sensor example, 32
+    updates from the prior mean leave 0.2% of the rows more than 0.01 from the fixed point,
+    for posterior standard deviations of about 0.1 to 0.5).
 
     Parameters
     ----------
@@ -66,7 +94,9 @@ def linearize_observations(
     n_iter : int
         Maximum number of updates.
     rtol : float
-        Stops when every row moves by less than ``rtol`` times the prior's scale.
+        Stops when no row moves by more than ``rtol`` times the prior's scale.
+    max_halvings : int
+        Step halvings of the damping.
 
     Returns
     -------
@@ -79,20 +109,35 @@ def linearize_observations(
     obs = ObservationSet(Y, operator, prior.n_features, prior.device)
     y, op = obs.operator.prepare(obs.y), obs.operator
     mean = prior.mean.to(dtype=torch.float64, device=y.device)
-    point = mean.expand(len(y), -1) if start is None else start.to(y)
+    point = mean.expand(len(y), -1) if start is None else start.to(y).expand(len(y), -1)
     scale = float(mean.abs().mean()) + float(prior.cov_matrix.diagonal().mean()) ** 0.5
+    var = op.noise_var.to(y).expand_as(y).clamp_min(1e-12 * scale**2)
+
+    def objective(x: Tensor) -> Tensor:
+        residual = y - op.apply(x)
+        return 0.5 * (residual**2 / var).sum(-1) + 0.5 * _prior_energy(prior, x - mean)
 
     def linearise(at: Tensor) -> tuple[Tensor, Linearized]:
         jacobian = op.linearize(at)
         return y - jacobian.value() + jacobian.apply(at), jacobian
 
     y_tilde, jacobian = linearise(point)
+    energy = objective(point)
     for _ in range(n_iter):
-        new = prior._posterior_torch(y_tilde, jacobian)[0]
-        finite = torch.isfinite(new).all(-1, keepdim=True)
-        new = torch.where(finite, new, point)
-        moved = float((new - point).abs().amax()) if len(new) else 0.0
-        point = new
+        target = prior._posterior_torch(y_tilde, jacobian)[0]
+        step = torch.nan_to_num(target - point, nan=0.0, posinf=0.0, neginf=0.0)
+        length = torch.ones(len(y), 1, dtype=y.dtype, device=y.device)
+        for _ in range(max_halvings + 1):
+            trial = point + length * step
+            trial_energy = objective(trial)
+            worse = ~(trial_energy <= energy)  # NaN counts as worse
+            if not bool(worse.any()):
+                break
+            length = torch.where(worse[:, None], 0.5 * length, length)
+        trial = torch.where(worse[:, None], point, trial)
+        energy = torch.where(worse, energy, trial_energy)
+        moved = float((trial - point).abs().amax()) if len(y) else 0.0
+        point = trial
         y_tilde, jacobian = linearise(point)
         if moved <= rtol * scale:
             break
@@ -113,7 +158,7 @@ def fit_gaussian_linearized(
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
     method: str = "auto",
-    linearize_iter: int = 16,
+    linearize_iter: int = 8,
 ) -> Any:
     r"""Fits a Gaussian prior to observations of a nonlinear model by linearised EM.
 
