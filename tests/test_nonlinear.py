@@ -90,6 +90,15 @@ def test_indexing_expand_to_and_pickling() -> None:
         torch.testing.assert_close(sub.apply(x[rows]), op.apply(x)[rows])
         torch.testing.assert_close(sub.params, op.params[rows])
     assert len(op[3]) == 1
+    # Noise std per sample (n,) and per measurement (n, M) is indexed with the operator.
+    sensors = torch.as_tensor(data.sensors)
+    for std in (torch.linspace(0.1, 1.0, 10), torch.rand(10, 3) + 0.1):
+        noisy = Nonlinear(ranges, 2, 3, sensors, noise_std=std)
+        torch.testing.assert_close(
+            noisy[[2, 5]].noise_var.expand(2, 3), (std**2).reshape(10, -1)[[2, 5]].expand(2, 3)
+        )
+    shared_noise = Nonlinear(ranges, 2, 3, sensors[:1], noise_std=torch.linspace(0.1, 1.0, 10))
+    assert len(shared_noise) == 10 and shared_noise.linearize(x).noise_std.shape == (10, 1)
     # A shared operator (one set of sensors, or none) expands for cross-validation.
     shared = Nonlinear(ranges, 2, 3, torch.as_tensor(data.sensors[:1]), noise_std=0.3)
     assert len(shared.expand(10)) == 10 and len(shared.expand(10)[2:5]) == 3
