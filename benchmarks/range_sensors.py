@@ -46,18 +46,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--n-samples", type=int, default=4096, help="training observations")
     p.add_argument("--noise-std", type=float, default=0.3, help="range noise std")
-    p.add_argument("--n-iter", type=int, default=16, help="EM iterations")
+    p.add_argument("--n-iter", type=int, default=32, help="EM iterations")
     p.add_argument("--gaussian-iter", type=int, default=16, help="Gaussian-init EM iterations")
     p.add_argument("--hidden", type=int, default=128, help="MLP width")
     p.add_argument("--blocks", type=int, default=3, help="MLP residual blocks")
-    p.add_argument("--epochs", type=int, default=16, help="training epochs per M-step")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs per M-step")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=32, help="E-step MMPS steps (DPM-Solver++(2M))")
+    p.add_argument("--cg-iter", type=int, default=3, help="MMPS and SMC CG iterations")
     p.add_argument("--n-eval", type=int, default=2048, help="prior samples per evaluation")
     p.add_argument("--n-posterior", type=int, default=8, help="held-out observations")
     p.add_argument("--posterior-samples", type=int, default=512, help="samples per posterior")
     p.add_argument("--particles", type=int, default=16, help="SMC particles")
-    p.add_argument("--smc-steps", type=int, default=64, help="SMC steps")
+    p.add_argument("--smc-steps", type=int, default=32, help="SMC steps")
     p.add_argument("--chains", type=int, default=64, help="MH chains per sample set")
     p.add_argument("--burn-in", type=int, default=5000, help="MH burn-in steps")
     p.add_argument("--thin", type=int, default=200, help="MH steps between kept states")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffem.demo import fit_tracked, format_table, record_summary
     from diffem.denoisers import MLPDenoiser
     from diffem.metrics import sliced_wasserstein
-    from diffem.samplers import SMC
+    from diffem.samplers import MMPS, SMC
 
     t_all = time.perf_counter()
     out = Path(args.out)
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module__n_blocks=args.blocks,
             random_state=args.seed,
         ),
+        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver="dpmpp_2m", warm_start=True),
         n_iter=args.n_iter,
         gaussian_iter=args.gaussian_iter,
         device=str(device),
@@ -226,10 +229,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.noise_std}; prior metric on {args.n_eval} prior samples vs as many held-out "
         "sources",
         f"- EM: MLPDenoiser (width {args.hidden}, {args.blocks} blocks), {args.epochs} epochs per "
-        f"M-step, batch {args.batch_size}, lr {args.lr}; E-step the estimator's default "
-        f"sampler (MMPS, {mmps.steps} {mmps.solver} steps, cg_iter {mmps.cg_iter}, warm start "
-        f"{mmps.warm_start}); Gaussian initialisation by linearised EM, {args.gaussian_iter} "
-        "iterations",
+        f"M-step, batch {args.batch_size}, lr {args.lr}; E-step MMPS ({mmps.steps} "
+        f"{mmps.solver} steps, cg_iter {mmps.cg_iter}, warm start {mmps.warm_start}: the "
+        "estimator's default sampler with half its steps); Gaussian initialisation by "
+        f"linearised EM, {args.gaussian_iter} iterations",
         f"- posteriors: {n_post} held-out observations, {S} samples each; SMC "
         f"{args.particles} particles, {args.smc_steps} steps, solver {mmps.solver}, "
         f"cg_iter {mmps.cg_iter}; Metropolis-Hastings with the true prior, random-walk steps "
