@@ -4,10 +4,11 @@ Sources :math:`x_i \in \mathbb{R}^2` from a clustered prior, each heard by its o
 sensors, :math:`y_{ij} = \lVert x_i - s_{ij} \rVert + e_{ij}` (:func:`diffem.datasets.
 make_range_sensors`, a :class:`~diffem.operators.Nonlinear` operator). In one run:
 
-* the prior is learned from the ranges alone with ``DiffusionPriorEM`` (MLP denoiser, the
-  estimator's default MMPS E-step, linearised at each step's denoiser estimate; the Gaussian
-  initialisation by linearised EM), with the sliced Wasserstein distance of its samples to
-  held-out true sources after every EM iteration;
+* the prior is learned from the ranges alone with ``DiffusionPriorEM`` (MLP denoiser; E-step
+  MMPS, the estimator's default sampler with 32 steps, or SMC with ``--e-step smc``, both
+  linearising the operator at each step's denoiser estimate; the Gaussian initialisation by
+  linearised EM), with the sliced Wasserstein distance of its samples to held-out true sources
+  after every EM iteration;
 * for held-out observations, the posterior of the learned prior by MMPS and by SMC is compared
   with a long random-walk Metropolis-Hastings run with the *true* prior (the notes' method):
   sliced Wasserstein distance to the Metropolis-Hastings samples, against the floor between two
@@ -16,10 +17,11 @@ make_range_sensors`, a :class:`~diffem.operators.Nonlinear` operator). In one ru
 
 Writes ``range_sensors.md`` (tables, command, date, machine), ``range_sensors_posteriors.png``
 (posterior samples of each method for a few observations) and ``range_sensors_prior.png`` (the
-learned prior next to the truth) to ``--out``. About 20 minutes on 2 idle CPU cores with the
-defaults::
+learned prior next to the truth) to ``--out`` (names suffixed by ``--tag``). The recorded
+runs (see ``results/range_sensors.md``)::
 
     python benchmarks/range_sensors.py
+    python benchmarks/range_sensors.py --e-step smc --tag smc_estep
 """
 
 from __future__ import annotations
@@ -55,11 +57,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=32, help="E-step MMPS steps (DPM-Solver++(2M))")
     p.add_argument("--cg-iter", type=int, default=3, help="MMPS and SMC CG iterations")
+    p.add_argument(
+        "--e-step",
+        default="mmps",
+        choices=["mmps", "smc"],
+        help="E-step sampler: MMPS (warm-started, --cg-iter), or SMC (--e-step-particles, one "
+        "CG iteration)",
+    )
+    p.add_argument("--e-step-particles", type=int, default=4, help="particles of an SMC E-step")
     p.add_argument("--n-eval", type=int, default=2048, help="prior samples per evaluation")
     p.add_argument("--n-posterior", type=int, default=8, help="held-out observations")
     p.add_argument("--posterior-samples", type=int, default=512, help="samples per posterior")
     p.add_argument("--particles", type=int, default=16, help="SMC particles")
-    p.add_argument("--smc-steps", type=int, default=32, help="SMC steps")
+    p.add_argument("--smc-steps", type=int, default=64, help="SMC steps")
     p.add_argument("--chains", type=int, default=64, help="MH chains per sample set")
     p.add_argument("--burn-in", type=int, default=5000, help="MH burn-in steps")
     p.add_argument("--thin", type=int, default=200, help="MH steps between kept states")
@@ -110,6 +120,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"sliced W2 between two sets of true sources (floor): {floor_prior:.4g}")
 
     # ---- EM from the ranges alone
+    if args.e_step == "smc":
+        e_step: Any = SMC(
+            steps=args.steps, particles=args.e_step_particles, cg_iter=1, solver="dpmpp_2m"
+        )
+    else:
+        e_step = MMPS(steps=args.steps, cg_iter=args.cg_iter, solver="dpmpp_2m", warm_start=True)
     est = DiffusionPriorEM(
         denoiser=MLPDenoiser(
             lr=args.lr,
@@ -119,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             module__n_blocks=args.blocks,
             random_state=args.seed,
         ),
-        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver="dpmpp_2m", warm_start=True),
+        sampler=e_step,
         n_iter=args.n_iter,
         gaussian_iter=args.gaussian_iter,
         device=str(device),
@@ -163,7 +179,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mh_a, mh_b = chains[:, 0].reshape(n_post, -1, 2), chains[:, 1].reshape(n_post, -1, 2)
     log(f"Metropolis-Hastings: {mh_seconds:.0f} s, acceptance {reference.acceptance.mean():.2f}")
 
-    mmps = est.sampler_
+    schedule = est.sampler_.get_params()
+    mmps = MMPS(
+        steps=args.steps,
+        cg_iter=args.cg_iter,
+        solver="dpmpp_2m",
+        warm_start=True,
+        **{k: schedule[k] for k in ("sigma_min", "sigma_max", "sigma_data")},
+    )
     smc = SMC(
         steps=args.smc_steps,
         particles=args.particles,
@@ -218,6 +241,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prior": _prior_figure(snapshots, out / f"range_sensors{tag}_prior.png"),
     }
     total = time.perf_counter() - t_all
+    if args.e_step == "smc":
+        e_step_text = (
+            f"SMC ({args.e_step_particles} particles, {args.steps} dpmpp_2m steps, cg_iter 1)"
+        )
+    else:
+        e_step_text = (
+            f"MMPS ({args.steps} dpmpp_2m steps, cg_iter {args.cg_iter}, warm start: the "
+            "estimator's default sampler with half its steps)"
+        )
     lines = [
         "# Range sensors: source localisation from three noisy ranges (the lecture's example)",
         "",
@@ -229,14 +261,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.noise_std}; prior metric on {args.n_eval} prior samples vs as many held-out "
         "sources",
         f"- EM: MLPDenoiser (width {args.hidden}, {args.blocks} blocks), {args.epochs} epochs per "
-        f"M-step, batch {args.batch_size}, lr {args.lr}; E-step MMPS ({mmps.steps} "
-        f"{mmps.solver} steps, cg_iter {mmps.cg_iter}, warm start {mmps.warm_start}: the "
-        "estimator's default sampler with half its steps); Gaussian initialisation by "
-        f"linearised EM, {args.gaussian_iter} iterations",
-        f"- posteriors: {n_post} held-out observations, {S} samples each; SMC "
-        f"{args.particles} particles, {args.smc_steps} steps, solver {mmps.solver}, "
-        f"cg_iter {mmps.cg_iter}; Metropolis-Hastings with the true prior, random-walk steps "
-        f"(0.05, 0.3, 1.5), {args.chains} chains per sample set started from "
+        f"M-step, batch {args.batch_size}, lr {args.lr}; E-step {e_step_text}; Gaussian "
+        f"initialisation by linearised EM, {args.gaussian_iter} iterations",
+        f"- posteriors: {n_post} held-out observations, {S} samples each; MMPS as the "
+        f"E-step's default; SMC {args.particles} particles, {args.smc_steps} steps, solver "
+        f"{mmps.solver}, cg_iter {mmps.cg_iter}; Metropolis-Hastings with the true prior, "
+        f"random-walk steps (0.05, 0.3, 1.5), {args.chains} chains per sample set started from "
         f"likelihood-resampled prior draws, burn-in {args.burn_in}, thinning {args.thin} "
         f"(acceptance {reference.acceptance.mean():.2f})",
         f"- sliced W2 between two sets of true sources (prior floor): {floor_prior:.4g}",
