@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from sklearn.utils import check_random_state
 from torch import Tensor
 from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
 
-from diffem.datasets._common import _Unpackable, check_noise_std, check_positive_int, rng_from
+from diffem._validation import check_int, check_number
+from diffem.datasets._common import _Unpackable
 from diffem.operators import Nonlinear, Operator
 from diffem.priors import GaussianMixturePrior
 from diffem.samplers.metropolis import MetropolisResult, random_walk_metropolis
@@ -226,12 +228,11 @@ def make_range_sensors(
     >>> X.shape, Y.shape, operator.shape
     ((100, 2), (100, 3), (100, 3, 2))
     """
-    n_samples = check_positive_int(n_samples, "n_samples")
-    noise_std = check_noise_std(noise_std)
-    for value, name in ((distance, "distance"), (spread, "spread")):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
-    rng = rng_from(random_state)
+    n_samples = check_int(n_samples, "n_samples", 1)
+    noise_std = check_number(noise_std, "noise_std", 0.0)
+    distance = check_number(distance, "distance", 0.0)
+    spread = check_number(spread, "spread", 0.0)
+    rng = check_random_state(random_state)
     prior = source_prior(torch.float64)
     X = prior.sample(n_samples, generator=int(rng.randint(0, 2**31 - 1)))
     angle = rng.uniform(0.0, 2.0 * math.pi, size=n_samples)

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from diffem.operators.base import Operator, _as_float_tensor, check_finite, check_positive_int
+from diffem._validation import as_float_tensor, check_finite, check_int
+from diffem.operators.base import Operator
 
 __all__ = ["Linearized", "Nonlinear"]
 
@@ -46,7 +47,7 @@ def _as_params(params: Any) -> Tensor:
     elif isinstance(params, np.ndarray) and params.dtype.kind in "biu":
         tensor = torch.as_tensor(params)
     else:
-        tensor = _as_float_tensor(params, "params")
+        tensor = as_float_tensor(params, "params")
     if tensor.ndim == 0 or tensor.shape[0] == 0:
         raise ValueError(
             f"params must have a leading batch dimension (n, ...) or (1, ...), got shape "
@@ -155,8 +156,8 @@ class Nonlinear(_Differentiable):
         *,
         noise_std: Any = 0.0,
     ) -> None:
-        self._d = check_positive_int(n_features, "n_features")
-        self._m = check_positive_int(n_measurements, "n_measurements")
+        self._d = check_int(n_features, "n_features", 1)
+        self._m = check_int(n_measurements, "n_measurements", 1)
         params = None if params is None else _as_params(params)
         self._set_function(forward, params)
         self._n = 1 if params is None else params.shape[0]

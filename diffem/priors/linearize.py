@@ -23,22 +23,26 @@ J^\top + \Sigma)` the linearised log-evidence. Everything is exact when :math:`f
 exact linear-Gaussian machinery applies unchanged: :class:`~diffem.priors.GaussianPrior`'s
 posteriors, samples and evidences for a nonlinear operator are those of the linearised model
 (and so are the estimator's first E-step and its evidence proposal), and
-:func:`fit_gaussian_linearized` alternates the linearisation with closed-form EM updates.
+:class:`LinearizedEM` alternates the linearisation with closed-form EM updates
+(:func:`~diffem.priors.fit_gaussian` with a nonlinear operator).
 The Jacobians are formed from ``min(n, D)`` Jacobian-vector products per chunk of
 observations, like the matrices of the other operators in these exact computations.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from diffem._validation import check_int
 from diffem.operators.nonlinear import Linearized, Nonlinear
-from diffem.priors._common import ObservationSet, check_n
+from diffem.priors._common import ObservationSet
+from diffem.priors._em_base import ExpectationMaximization
 
-__all__ = ["fit_gaussian_linearized", "linearize_observations"]
+__all__ = ["LinearizedEM", "linearize_observations"]
 
 
 def _prior_energy(prior: Any, v: Tensor) -> Tensor:
@@ -105,7 +109,7 @@ def linearize_observations(
     jacobian : Linearized
         :math:`J` at :math:`x^{(j)}` (its ``point``), float64, with the operator's noise.
     """
-    n_iter = check_n(n_iter, "n_iter")
+    n_iter = check_int(n_iter, "n_iter", 1)
     obs = ObservationSet(Y, operator, prior.n_features, prior.device)
     y, op = obs.operator.prepare(obs.y), obs.operator
     mean = prior.mean.to(dtype=torch.float64, device=y.device)
@@ -144,65 +148,58 @@ def linearize_observations(
     return y_tilde, jacobian
 
 
-def fit_gaussian_linearized(
-    Y: Any,
-    operator: Nonlinear,
-    n_iter: int = 32,
-    rank: int | None = None,
-    generator: Any = None,
-    init: Any = None,
-    *,
-    ridge: float = 1e-6,
-    tol: float = 0.0,
-    device: Any = None,
-    dtype: torch.dtype = torch.float32,
-    return_history: bool = False,
-    method: str = "auto",
-    linearize_iter: int = 8,
-) -> Any:
-    r"""Fits a Gaussian prior to observations of a nonlinear model by linearised EM.
+class LinearizedEM(ExpectationMaximization):
+    r"""Closed-form EM for a Gaussian prior observed through a nonlinear model: every E-step
+    first relinearises each observation about its posterior mean under the current prior
+    (:func:`linearize_observations`, warm-started from the previous iteration's points), then
+    runs the E-step of a linear EM (:func:`~diffem.priors.fit_gaussian`'s) on the linearised
+    observations :math:`\tilde{y}_i = J_i x + e_i`; the M-step is that EM's.
 
-    Each iteration linearises every observation about its posterior mean under the current
-    prior (:func:`linearize_observations`, warm-started from the previous iteration's points)
-    and takes one closed-form EM update (:func:`~diffem.priors.fit_gaussian`) on the
-    linearised observations :math:`\tilde{y}_i = J_i x + e_i`. Without ``init``, the initial
-    prior is :func:`~diffem.priors.fit_gaussian`'s least-squares start on the linearisation at
-    :math:`x = 0`; pass ``init`` when :math:`f` is far from linear over the range of the
-    latents. The recorded log-evidences are those of the linearised model, an approximation
-    that EM is not guaranteed to increase.
+    Without a starting prior, the linear EM starts from its least-squares moments on the
+    linearisation at :math:`x = 0`; pass one (``init`` of :func:`~diffem.priors.fit_gaussian`)
+    when :math:`f` is far from linear over the range of the latents. The recorded
+    log-evidences are those of the linearised models, an approximation that EM is not
+    guaranteed to increase.
 
-    Parameters are those of :func:`~diffem.priors.fit_gaussian`, plus ``linearize_iter``, the
-    maximum number of iterated Kalman updates per linearisation.
+    Parameters
+    ----------
+    obs : ObservationSet
+        The observations with their :class:`~diffem.operators.Nonlinear` operator.
+    linear_em : callable ``(observations, init) -> ExpectationMaximization``
+        Builds the linear EM on linearised observations, from the prior ``init`` (or ``None``).
+    init : GaussianPrior or None
+        Starting prior.
+    linearize_iter : int
+        Iterated Kalman updates per linearisation.
     """
-    from diffem.priors.em import fit_gaussian  # em.py dispatches nonlinear operators here
 
-    n_iter = check_n(n_iter, "n_iter") if n_iter != 0 else 0
-    dev = torch.device(device) if device is not None else getattr(init, "device", None)
-    obs = ObservationSet(Y, operator, operator.n_features, dev or torch.device("cpu"))
-    y, op = obs.operator.prepare(obs.y), obs.operator
-    common = {"rank": rank, "generator": generator, "ridge": ridge, "method": method}
-    if init is None:
-        at_zero = op.linearize(torch.zeros(1, op.n_features, dtype=y.dtype, device=y.device))
-        y_zero = y - at_zero.value()  # J 0 = 0
-        init = fit_gaussian(y_zero, at_zero, 0, dtype=torch.float64, **common)
-    prior = init.to(device=y.device, dtype=torch.float64)
-    history: list[float] = []
-    start = None
-    for iteration in range(n_iter + 1):
-        y_tilde, jacobian = linearize_observations(prior, y, op, start=start, n_iter=linearize_iter)
-        start = jacobian.point
-        if iteration == n_iter:
-            history.append(float(prior._log_evidence_torch(y_tilde, jacobian).mean()))
-            break
-        new, steps = fit_gaussian(
-            y_tilde, jacobian, 1, init=prior, dtype=torch.float64, return_history=True, **common
+    def __init__(
+        self,
+        obs: ObservationSet,
+        linear_em: Callable[[ObservationSet, Any], ExpectationMaximization],
+        init: Any = None,
+        linearize_iter: int = 8,
+    ) -> None:
+        super().__init__(obs, 0.0)
+        self.y, self.nonlinear = obs.operator.prepare(obs.y), obs.operator
+        self.linearize_iter = check_int(linearize_iter, "linearize_iter", 1)
+        zero = torch.zeros(1, obs.d, dtype=self.y.dtype, device=self.y.device)
+        at_zero = self.nonlinear.linearize(zero)
+        start = ObservationSet(self.y - at_zero.value(), at_zero, None, self.y.device)  # J 0 = 0
+        self.linear = linear_em(start, init)
+        self.points: Tensor | None = None
+
+    def _e_step(self, statistics: bool) -> tuple[float, Any]:
+        prior = self.linear._prior(torch.float64)
+        y_tilde, jacobian = linearize_observations(
+            prior, self.y, self.nonlinear, start=self.points, n_iter=self.linearize_iter
         )
-        history.append(steps[0])
-        if iteration > 0 and tol > 0 and history[-1] - history[-2] < tol:
-            break
-        prior = new
-    prior = prior.to(dtype=dtype)
-    prior.history_ = history
-    if return_history:
-        return prior, history
-    return prior
+        self.points = jacobian.point
+        self.linear.obs = ObservationSet(y_tilde, jacobian, None, self.y.device)
+        return self.linear._e_step(statistics)
+
+    def _m_step(self, statistics: Any) -> None:
+        self.linear._m_step(statistics)
+
+    def _prior(self, dtype: torch.dtype) -> Any:
+        return self.linear._prior(dtype)
