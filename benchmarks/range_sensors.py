@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sklearn.base import clone
 
     from diffem import DiffusionPriorEM
+    from diffem._report import fit_tracked, format_table, record_summary
     from diffem.datasets import make_range_sensors
     from diffem.datasets.range_sensors import metropolis_reference
-    from diffem.demo import fit_tracked, format_table, record_summary
     from diffem.denoisers import MLPDenoiser
     from diffem.metrics import sliced_wasserstein
     from diffem.samplers import MMPS, SMC
