@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from sklearn.base import clone
 from sklearn.model_selection import cross_val_score
 from torch import Tensor
 
@@ -388,7 +389,13 @@ def test_estimator_fits_transforms_and_scores_with_a_nonlinear_operator() -> Non
     # The first E-step samples the Gaussian initialisation's linearised posterior.
     assert est.n_iter_ == 1 and not est.history_[0]["e_step_exact"]
     assert est.sample(5).shape == (5, 2)
-    assert est.sample_posterior(Y[:3], op[:3], n_samples=2).shape == (3, 2, 2)
+    draws = est.sample_posterior(Y[:3], op[:3], n_samples=2, random_state=1)
+    assert draws.shape == (3, 2, 2)
+    # A pickled fitted estimator samples the same posteriors through the unpickled operator.
+    again = pickle.loads(pickle.dumps((est, op)))
+    redraws = again[0].sample_posterior(Y[:3], again[1][:3], n_samples=2, random_state=1)
+    np.testing.assert_array_equal(redraws, draws)
+    assert clone(est).get_params()["sampler"].steps == 8 and not hasattr(clone(est), "n_iter_")
     assert np.isfinite(est.transform(Y[:4], op[:4])).all()
     assert np.isfinite(est.score_samples(Y[:4], op[:4])).all()
     # Cross-validation splits the per-sample sensors with Y.
