@@ -21,7 +21,7 @@ learned prior next to the truth) to ``--out`` (names suffixed by ``--tag``). The
 runs (see ``results/range_sensors.md``)::
 
     python benchmarks/range_sensors.py
-    python benchmarks/range_sensors.py --e-step smc --tag smc_estep
+    python benchmarks/range_sensors.py --e-step smc --n-iter 48 --tag smc_estep
 """
 
 from __future__ import annotations
@@ -151,14 +151,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append({"iteration": k, **record_summary(record), "sliced W2": sliced(samples, truth)})
         log(f"EM iteration {k}: sliced W2 {rows[-1]['sliced W2']:.4g}")
         if k == 0:
-            snapshots["Gaussian initialisation"] = samples
+            snapshots["Gaussian init."] = samples
 
     t0 = time.perf_counter()
     fit_tracked(est, Y[train], operator[train], on_iteration)
     em_seconds = time.perf_counter() - t0
-    snapshots[f"DiffusionPriorEM ({args.n_iter} iterations)"] = est.sample(
-        args.n_eval, random_state=args.seed + 1
-    )
+    snapshots[f"EM, {args.n_iter} iterations"] = est.sample(args.n_eval, random_state=args.seed + 1)
 
     # ---- ceiling: the same denoiser trained on the clean sources, as many epochs in all
     t0 = time.perf_counter()
@@ -166,10 +164,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_epochs=args.epochs * args.n_iter, sigma_data=est.sigma_data_, device=str(device)
     )
     clean.fit(torch.as_tensor(X[train], dtype=torch.float32))
-    snapshots["ceiling: trained on clean sources"] = sample_prior_with(
+    snapshots["ceiling (clean-trained)"] = sample_prior_with(
         est, clean, args.n_eval, seed=args.seed + 7
     )
-    ceiling = sliced(snapshots["ceiling: trained on clean sources"], truth)
+    ceiling = sliced(snapshots["ceiling (clean-trained)"], truth)
     ceiling_seconds = time.perf_counter() - t0
     log(f"ceiling (clean-trained denoiser): sliced W2 {ceiling:.4g}")
     snapshots["true sources"] = truth
