@@ -3,6 +3,8 @@ r"""Data sets for experiments and tests, all generated or bundled locally (no do
 - :func:`make_manifold` — the low-dimensional manifold experiment of Rozet et al. (2024):
   latents on a random smooth curve in :math:`\mathbb{R}^5`, each seen through its own random
   :math:`2 \times 5` projection.
+- :func:`make_range_sensors` — sources from a clustered prior located by three noisy range
+  sensors each (a nonlinear operator), the running example of Akyildiz's lecture notes.
 - :func:`load_digits_corrupted` — scikit-learn's bundled 8x8 digits with random missing
   pixels and noise.
 - :func:`load_image_patches` — patches of scikit-learn's bundled sample photographs.
@@ -20,14 +22,17 @@ from diffem.datasets.images import (
     load_image_patches,
 )
 from diffem.datasets.manifold import ManifoldData, make_manifold
+from diffem.datasets.range_sensors import RangeSensorData, make_range_sensors
 
 __all__ = [
     "CIFAR10",
     "CorruptedImages",
     "ImagePatches",
     "ManifoldData",
+    "RangeSensorData",
     "load_cifar10",
     "load_digits_corrupted",
     "load_image_patches",
     "make_manifold",
+    "make_range_sensors",
 ]

@@ -144,7 +144,11 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
 
     Observations are :math:`y_i = A_i x_i + e_i` with linear operators :math:`A_i` and diagonal
     Gaussian noise (a :class:`diffem.operators.Operator`, or ``None`` for direct observations
-    with missing entries marked NaN). The fit starts from a Gaussian prior (closed-form EM,
+    with missing entries marked NaN), or :math:`y_i = f(x_i; \theta_i) + e_i` with a
+    differentiable :class:`diffem.operators.Nonlinear` operator: the samplers linearise it at
+    each step's denoiser estimate, and the Gaussian initialisation, its first E-step and the
+    proposal of :meth:`score_samples` use its linearisation about each posterior mean
+    (:mod:`diffem.priors.linearize`). The fit starts from a Gaussian prior (closed-form EM,
     :func:`diffem.priors.fit_gaussian`) and runs ``n_iter`` EM iterations (Rozet et al., 2024,
     eqs. (5)-(6)):
 
@@ -485,7 +489,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
             X = self._e_step(Y, op, generator)
             record["e_step_seconds"] = time.perf_counter() - tic
-            record["e_step_exact"] = self.n_iter_ == 0
+            record["e_step_exact"] = self.n_iter_ == 0 and op.is_linear  # else linearised
             if not bool(torch.isfinite(X).all()):
                 raise DivergenceError(
                     f"the E-step of EM iteration {k + 1} produced non-finite samples."
@@ -764,7 +768,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             + \log p(y \mid x_k) - \log r(x_k \mid y)\big] - \log K,
 
         with ``K = n_score_samples`` proposals from the Gaussian initialisation's exact
-        posterior (covariance inflated by :math:`1 + \sqrt{2 \ln 2 / D}`) and
+        posterior (linearised for a nonlinear operator; covariance inflated by
+        :math:`1 + \sqrt{2 \ln 2 / D}`) and
         :math:`\log q(x)` from the probability-flow ODE (``score_steps`` Runge-Kutta steps;
         exact divergence up to 32 dimensions, Hutchinson's estimator above). It is consistent
         as ``K`` and ``score_steps`` grow; noiseless measurements are given a noise std of

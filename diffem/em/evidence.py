@@ -36,7 +36,11 @@ FFJORD).
 
 with the proposal :math:`r(x \mid y) = \mathcal{N}(\mu_{y}, c\, \Sigma_{y}^{\text{post}})`: the
 exact posterior of a Gaussian prior (the EM initialisation) with its covariance inflated by
-:math:`c > 1`, so that the proposal's tails are heavier than the target's. By default
+:math:`c > 1`, so that the proposal's tails are heavier than the target's. For a nonlinear
+operator :math:`y = f(x) + e` the proposal is the Gaussian prior's linearised (Laplace)
+posterior (:mod:`diffem.priors.linearize`) and :math:`p(y \mid x_k)` the exact likelihood with
+:math:`f(x_k)`, so the estimate stays consistent; only its variance depends on how well the
+linearisation fits. By default
 :math:`c = 1 + \sqrt{2 \ln 2 / D}`: inflating all :math:`D` directions costs a factor
 :math:`(c^2 / (2c - 1))^{D/2}` in the weights' second moment, about 2 with this choice.
 The estimator is consistent: it converges to :math:`\log q(y)` as :math:`K \to \infty` (the

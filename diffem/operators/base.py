@@ -17,6 +17,10 @@ observation value is taken as 0 and
 its noise variance as 1, so that they carry no information about :math:`x` and every sampler and
 solver treats them without a special case. :attr:`Operator.observed` tells which measurements are
 real, and :meth:`Operator.prepare` maps user observations onto this convention.
+
+A nonlinear observation model (:class:`~diffem.operators.Nonlinear`) is an operator too: its
+:meth:`Operator.apply` is the nonlinear map and :meth:`Operator.linearize` gives the linear
+operator (its Jacobians) at a point; a linear operator's linearisation is itself.
 """
 
 from __future__ import annotations
@@ -173,6 +177,9 @@ class Operator:
     _batched: tuple[str, ...] = ()
     _buffers: tuple[str, ...] = ()
 
+    #: Whether :meth:`apply` is linear; :class:`~diffem.operators.Nonlinear` sets it to False.
+    is_linear: bool = True
+
     _n: int
     _m: int
     _d: int
@@ -189,6 +196,16 @@ class Operator:
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.apply(x)
+
+    def linearize(self, x: Tensor) -> Operator:
+        r"""The linear operator that approximates this one around ``x`` ``(n | 1, D)``.
+
+        A linear operator is its own linearisation: it returns ``self``. A
+        :class:`~diffem.operators.Nonlinear` one returns its Jacobians at ``x``. Samplers
+        compute the residual :math:`y - A(\hat{x})` with :meth:`apply` and everything else
+        with ``linearize(x_hat)``, one code path for both.
+        """
+        return self
 
     def matrix(self) -> Tensor:
         r"""The dense matrices :math:`A_i`, shape ``(n | 1, M, D)``.

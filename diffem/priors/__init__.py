@@ -2,9 +2,13 @@ r"""Analytic priors with exact posteriors, and closed-form EM to fit them from o
 
 - :class:`GaussianPrior` (full or low-rank-plus-diagonal covariance) and
   :class:`GaussianMixturePrior`: exact posterior samples, means and log-evidences under any
-  :class:`~diffem.operators.Operator`, and exact denoisers ``prior(x_t, sigma) -> E[x | x_t]``.
+  linear :class:`~diffem.operators.Operator`, and exact denoisers
+  ``prior(x_t, sigma) -> E[x | x_t]``.
 - :func:`fit_gaussian` (exact EM, optionally low-rank) and :func:`fit_gaussian_mixture`
   (extreme deconvolution).
+- :mod:`diffem.priors.linearize`: a Gaussian prior observed through a
+  :class:`~diffem.operators.Nonlinear` operator, by iterated linearisation (the Laplace
+  approximation of its posteriors, and linearised EM in :func:`fit_gaussian`).
 """
 
 from diffem.priors.em import fit_gaussian, fit_gaussian_mixture

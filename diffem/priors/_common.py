@@ -152,6 +152,11 @@ class ObservationSet:
         return self.y.shape[0]
 
     def _parts(self, op: Operator) -> tuple[Tensor, Tensor, Tensor]:
+        if not op.is_linear:
+            raise TypeError(
+                "exact Gaussian computations need a linear operator; GaussianPrior and "
+                "fit_gaussian linearise a Nonlinear one, the mixture prior and its EM do not."
+            )
         matrix = op.matrix().to(torch.float64)
         noise_var = op.noise_var.to(torch.float64).expand(-1, self.m)
         n_pinned = (self.m - op.n_observed()).to(torch.float64)

@@ -95,7 +95,18 @@ class AnalyticPrior:
         return to_numpy(self._log_evidence_torch(Y, operator), self.dtype)
 
     def _observations(self, Y: Any, operator: Operator) -> ObservationSet:
+        if isinstance(operator, Operator) and not operator.is_linear:
+            Y, operator = self._linearize(Y, operator)
         return ObservationSet(Y, operator, self.n_features, self.device)
+
+    def _linearize(self, Y: Any, operator: Operator) -> tuple[Any, Operator]:
+        """Observations and linear operator standing for a nonlinear one (see
+        :mod:`diffem.priors.linearize`); only the Gaussian prior has such an approximation."""
+        raise TypeError(
+            f"{type(self).__name__} computes exact posteriors for linear operators only; with a "
+            "Nonlinear operator, run a posterior sampler (e.g. diffem.samplers.SMC) with the "
+            "prior as denoiser."
+        )
 
     def _posterior_mean_torch(self, Y: Any, operator: Operator) -> Tensor:
         return self._posterior_torch(Y, operator)[0].to(self.dtype)

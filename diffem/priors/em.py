@@ -63,6 +63,7 @@ from diffem.priors._common import (
 )
 from diffem.priors._em_base import ExpectationMaximization
 from diffem.priors.gaussian import GaussianPrior, _check_psd_eig
+from diffem.priors.linearize import LinearizedEM
 from diffem.priors.mixture import GaussianMixturePrior
 
 __all__ = ["fit_gaussian", "fit_gaussian_mixture"]
@@ -341,7 +342,9 @@ def fit_gaussian(
     Y : array ``(n, M)``
         Observations; unobserved (pinned) entries are ignored and may be NaN.
     operator : :class:`~diffem.operators.Operator`
-        Batch ``n`` or 1 (shared).
+        Batch ``n`` or 1 (shared). A :class:`~diffem.operators.Nonlinear` one is linearised
+        about each posterior mean at every iteration
+        (:class:`~diffem.priors.linearize.LinearizedEM`).
     n_iter : int
         Number of EM iterations.
     rank : int or None
@@ -396,7 +399,15 @@ def fit_gaussian(
     if method == "factor" and rank is None:
         raise ValueError("method='factor' needs a rank (a positive integer), got rank=None.")
     obs = ObservationSet(Y, operator, None, _device(device, init))
-    prior = _gaussian_em(obs, rank, random_state, init, ridge, method).fit(n_iter, tol, dtype)
+    if operator.is_linear:
+        em = _gaussian_em(obs, rank, random_state, init, ridge, method)
+    else:  # relinearised about the posterior means at every iteration
+
+        def linear_em(lin: ObservationSet, start: GaussianPrior | None) -> Any:
+            return _gaussian_em(lin, rank, random_state, start, ridge, method)
+
+        em = LinearizedEM(obs, linear_em, init)
+    prior = em.fit(n_iter, tol, dtype)
     return (prior, prior.history_) if return_history else prior
 
 

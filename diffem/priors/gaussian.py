@@ -26,7 +26,9 @@ identity with :math:`D_\sigma = \operatorname{diag}(d + \sigma^2)` and
 
 Posterior quantities given observations :math:`y = A x + e` are computed exactly in measurement
 space (see :mod:`diffem.priors._common`), with Matheron's rule for sampling (Wilson et al.,
-2020).
+2020). For a nonlinear model :math:`y = f(x) + e` (:class:`~diffem.operators.Nonlinear`) they
+are those of the model linearised about each posterior mean by iterated extended Kalman updates
+(:mod:`diffem.priors.linearize`): the Laplace approximation, no longer exact.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from diffem.priors._common import (
     matheron,
 )
 from diffem.priors.base import AnalyticPrior
+from diffem.priors.linearize import linearize_observations
 
 __all__ = ["GaussianPrior"]
 
@@ -267,6 +270,11 @@ class GaussianPrior(AnalyticPrior):
         return (mean + cov.sample(n_samples, gen, self.device)).to(self.dtype)
 
     # ------------------------------------------------------------------ posteriors
+    def _linearize(self, Y: Any, operator: Operator) -> tuple[Any, Operator]:
+        """A nonlinear operator linearised about each posterior mean (iterated extended
+        Kalman updates, :func:`diffem.priors.linearize.linearize_observations`)."""
+        return linearize_observations(self, Y, operator)
+
     def _posterior_torch(
         self, Y: Any, operator: Operator, *, need_cov: bool = False
     ) -> tuple[Tensor, Tensor, Tensor | None]:

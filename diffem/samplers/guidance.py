@@ -32,6 +32,11 @@ denoiser; SMC uses it as twisting function.
 
 :class:`ResidualGradient` is DPS (Chung et al., 2023): a normalised gradient step on
 :math:`\lVert y - A \hat{x} \rVert`.
+
+A nonlinear operator :math:`y = f(x) + e` (:class:`~diffem.operators.Nonlinear`) is linearised
+at :math:`\hat{x}`: the residual is :math:`y - f(\hat{x})` and :math:`A` above is the Jacobian
+:math:`\partial f(\hat{x}) / \partial x`, applied by Jacobian-vector and vector-Jacobian
+products (``operator.linearize(x_hat)``; a linear operator is its own linearisation).
 """
 
 from __future__ import annotations
@@ -153,6 +158,7 @@ class Guidance(ABC):
         """
         x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
         residual = zero_nonfinite_rows(y - operator.apply(x_hat.detach()))
+        operator = operator.linearize(x_hat.detach())  # the Jacobian at x_hat if nonlinear
         evaluation = Evaluation(x_leaf, x_hat, sigma, weight, residual, operator)
         return self.guide(evaluation, stats, initial)
 

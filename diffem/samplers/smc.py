@@ -81,7 +81,8 @@ class SMC(MMPS):
     the particles of an observation are resampled (``resampling``) when their effective sample
     size :math:`1 / \sum_k w_k^2` falls below ``ess_threshold * K``, and the last step takes the
     model's :math:`x_0 = \hat{x}(x_{\sigma_{\min}})` with the exact likelihood
-    :math:`\mathcal{N}(y \mid A x_0, \Sigma_y)` in place of the twisting function (noise
+    :math:`\mathcal{N}(y \mid A x_0, \Sigma_y)` (:math:`f(x_0)` for a
+    :class:`~diffem.operators.Nonlinear` operator) in place of the twisting function (noise
     variances are floored at :math:`\sigma_{\min}^2`, so that noiseless observations keep a
     density). The returned samples are drawn from the final weighted particles. Shapes:
     particles ``(B K, D)``, weights ``(B, K)``.
