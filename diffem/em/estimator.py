@@ -44,7 +44,7 @@ from torch import Tensor
 from diffem._device import loadable_device
 from diffem.denoisers import DivergenceError, MLPDenoiser
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
-from diffem.em.evidence import importance_log_evidence
+from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
 from diffem.em.validation import (
     check_observations,
     check_params,
@@ -59,7 +59,7 @@ __all__ = ["DiffusionPriorEM", "default_sampler"]
 
 # Fitted attributes holding tensors; pickled through torch.save so that they can be mapped to
 # the CPU when CUDA is unavailable at load time.
-_TORCH_ATTRIBUTES = ("denoiser_", "sampler_", "gaussian_prior_")
+_TORCH_ATTRIBUTES = ("denoiser_", "sampler_", "gaussian_prior_", "proposal_")
 
 # Largest dimension for which the cheap evidence proxy of the history is computed.
 _PROXY_MAX_DIM = 64
@@ -206,12 +206,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         for large dimensions; ``None`` is a full covariance.
     n_transform_samples : int, default=16
         Posterior samples averaged by :meth:`transform` for a diffusion prior.
-    n_score_samples : int, default=32
-        Importance samples ``K`` per observation of :meth:`score_samples` for a diffusion prior
-        (the cost parameter of the evidence estimate).
-    score_steps : int, default=16
-        Runge-Kutta steps of the probability-flow ODE that gives :math:`\log q(x)` in
-        :meth:`score_samples`.
+    n_score_samples : int, default=16
+        Importance samples ``K`` per observation of :meth:`score_samples` for a diffusion prior:
+        its cost is proportional, its standard error falls as :math:`1/\sqrt{K}`.
+    score_steps : int, default=8
+        Heun steps of the probability-flow ODE that gives :math:`\log q(x)` in
+        :meth:`score_samples` (cost proportional; error :math:`O(1/\text{steps}^2)`).
     batch_size : int, default=4096
         Observations per E-step chunk (bounds device memory), and proposals per ODE batch in
         :meth:`score_samples`.
@@ -232,7 +232,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     sampler_ : PosteriorSampler
         The E-step sampler, with the schedule used.
     gaussian_prior_ : GaussianPrior
-        The Gaussian initialisation (also the proposal of :meth:`score_samples`).
+        The Gaussian initialisation.
+    proposal_ : GaussianPrior
+        The Gaussian moment-matched to the last E-step's samples (the training data of the
+        final M-step; Ledoit-Wolf covariance): its posteriors are the importance proposals of
+        :meth:`score_samples`, and its flow the reference of the probability-flow ODE. Absent
+        when ``n_iter_ == 0``.
     history_ : list of dict
         One record per completed EM iteration: ``iteration``, ``e_step_seconds``,
         ``m_step_seconds``, ``train_loss`` (last epoch), ``n_epochs``, the sampler's
@@ -295,8 +300,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         gaussian_iter: int = 16,
         gaussian_rank: int | None = None,
         n_transform_samples: int = 16,
-        n_score_samples: int = 32,
-        score_steps: int = 16,
+        n_score_samples: int = 16,
+        score_steps: int = 8,
         batch_size: int = 4096,
         checkpoint_dir: Any = None,
         callback: Any = None,
@@ -537,6 +542,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         record["train_loss"] = float(history[-1]["train_loss"]) if len(history) else math.nan
         record["gaussian_log_evidence"] = self._evidence_proxy(X, Y, op)
         self.denoiser_ = network
+        # score hook: the new prior was trained on X; its moment-matched Gaussian's posteriors
+        # are the importance proposals of score_samples
+        self.proposal_ = moment_matched_gaussian(X)
         self.n_iter_ = k + 1
         self.history_.append(record)
         return True
@@ -632,6 +640,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     def _state_names() -> tuple[str, ...]:
         return (
             "gaussian_prior_",
+            "proposal_",
             "sigma_data_",
             "sampler_",
             "_network",
@@ -766,36 +775,43 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         samples = self._sample_posterior_torch(Y_t, op, int(self.n_transform_samples), generator)
         return _numpy(samples.mean(1))
 
-    def score_samples(self, Y: Any, operator: Operator | None = None) -> np.ndarray:
-        r"""Log-evidences :math:`\log q(y_i)`, NumPy float32 ``(n,)``.
+    def score_samples(
+        self, Y: Any, operator: Operator | None = None, return_std: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        r"""Log-evidences :math:`\log q(y_i)`, NumPy float32 ``(n,)``; with ``return_std``,
+        also their Monte Carlo standard errors ``(n,)``.
 
-        Exact for the Gaussian prior. For a diffusion prior, the importance-sampling estimate
-        of :func:`diffem.em.evidence.importance_log_evidence`,
+        Exact for the Gaussian prior (standard error 0). For a diffusion prior, the
+        importance-sampling estimate of :func:`diffem.em.evidence.importance_log_evidence`,
 
         .. math:: \log q(y) \approx \operatorname{logsumexp}_{k=1}^{K}\big[\log q(x_k)
             + \log p(y \mid x_k) - \log r(x_k \mid y)\big] - \log K,
 
-        with ``K = n_score_samples`` proposals from the Gaussian initialisation's exact
-        posterior (covariance inflated by :math:`1 + \sqrt{2 \ln 2 / D}`) and
-        :math:`\log q(x)` from the probability-flow ODE (``score_steps`` Runge-Kutta steps;
-        exact divergence up to 32 dimensions, Hutchinson's estimator above). It is consistent
-        as ``K`` and ``score_steps`` grow; noiseless measurements are given a noise std of
-        ``1e-3 * sigma_data_``. Cost: ``4 * score_steps * K`` denoiser evaluations, each with
-        ``D`` (or, above 32 dimensions, 4)
-        vector-Jacobian products, per observation.
+        with ``K = n_score_samples`` proposals from the exact posterior of ``proposal_``
+        (covariance slightly inflated) and :math:`\log q(x)` from the
+        probability-flow ODE solved relative to that Gaussian (``score_steps`` Heun steps;
+        Hutchinson's trace estimator with two Rademacher probes and the Gaussian as control
+        variate, exact for ``D <= 2``), plus the first-order bias correction
+        :math:`\mathrm{se}^2/2`. It is consistent as ``K`` and ``score_steps`` grow; noiseless
+        measurements are given a noise std of ``1e-3 * sigma_data_``. The standard error is
+        the delta-method estimate from the importance weights: the spread of repeated
+        estimates, not the ODE's discretisation error. Cost per observation:
+        ``2 * score_steps * K`` denoiser evaluations with two vector-Jacobian products each
+        (at the defaults, 256 evaluations: a small fraction of ``fit``'s E-steps and M-steps;
+        see ``benchmarks/results/score_speed.md``).
         """
         Y_t, op = self._check_predict(Y, operator)
         if not self._is_diffusion:
             prior = self.gaussian_prior_.to(self.device_)
-            values = prior._log_evidence_torch(Y_t.to(self.device_), op.to(self.device_))
-            return _numpy(values)
+            values = _numpy(prior._log_evidence_torch(Y_t.to(self.device_), op.to(self.device_)))
+            return (values, np.zeros_like(values)) if return_std else values
         generator = self._predict_generator(None)
         params = self.sampler_.get_params(deep=False)
-        log_evidence, _ = importance_log_evidence(
+        evidence = importance_log_evidence(
             self.denoiser_,
             Y_t,
             op,
-            self.gaussian_prior_,
+            getattr(self, "proposal_", self.gaussian_prior_),
             sigma_min=float(getattr(self.denoiser_, "sigma_min", params["sigma_min"])),
             sigma_max=float(getattr(self.denoiser_, "sigma_max", params["sigma_max"])),
             n_samples=int(self.n_score_samples),
@@ -805,11 +821,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             device=self.device_,
             generator=generator,
         )
-        return _numpy(log_evidence)
+        values = _numpy(evidence.log_evidence)
+        return (values, _numpy(evidence.std)) if return_std else values
 
     def score(self, Y: Any, operator: Operator | None = None, *, y: Any = None) -> float:
         """Mean log-evidence of the observations, ``mean(score_samples(Y, operator))``;
-        higher is better. ``y`` is a keyword alias of ``operator`` (see :meth:`fit`)."""
+        higher is better. ``y`` is a keyword alias of ``operator`` (see :meth:`fit`). Its
+        Monte Carlo standard error is ``sqrt(sum(std**2)) / n`` with ``std`` from
+        ``score_samples(Y, operator, return_std=True)``."""
         operator = _operator_alias(operator, y)
         return float(np.mean(self.score_samples(Y, operator), dtype=np.float64))
 
