@@ -44,6 +44,7 @@ from torch import Tensor
 from diffem._device import loadable_device
 from diffem.denoisers import DivergenceError, MLPDenoiser
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
+from diffem.em.distributed import DataParallel, data_parallel_training, resolve_data_parallel
 from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
 from diffem.em.validation import (
     check_observations,
@@ -223,6 +224,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         ``record = {"iteration": 0}``) and after every completed EM iteration (with that
         iteration's ``history_`` record), the estimator then holding that iteration's prior:
         e.g. to evaluate or plot the prior along EM. It must not refit the estimator.
+    distributed : {"auto", True, False}, default="auto"
+        Data-parallel EM across the processes of a launcher (``torchrun --nproc-per-node N
+        script.py``; see :mod:`diffem.em.distributed`): each rank samples the E-step of its
+        shard of the observations, the M-step averages the gradients over the ranks, and every
+        rank ends with the same estimator. ``"auto"`` does so when the launcher's environment
+        (``WORLD_SIZE > 1``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``) or an initialised
+        process group is found, ``True`` requires it, ``False`` ignores it (a single-process
+        fit in every process). NCCL on CUDA (``cuda:LOCAL_RANK``), gloo on the CPU.
 
     Attributes
     ----------
@@ -305,6 +314,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         batch_size: int = 4096,
         checkpoint_dir: Any = None,
         callback: Any = None,
+        distributed: Any = "auto",
     ) -> None:
         self.denoiser = denoiser
         self.sampler = sampler
@@ -321,6 +331,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.checkpoint_dir = checkpoint_dir
         self.callback = callback
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ scikit-learn tags
     def __sklearn_tags__(self) -> Any:
@@ -365,8 +376,13 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         d = op.n_features
         self._reset_fitted()
+        # distributed hook: the launcher's process group (None in a single process)
+        group = resolve_data_parallel(self.distributed, device)
+        device = device if group is None else group.device
 
         base_seed = _seed(self.random_state)
+        if group is not None:
+            base_seed = group.broadcast_int(base_seed)  # the same EM on every rank
         key = None
         payload = None
         if self.checkpoint_dir is not None:
@@ -384,7 +400,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
 
         start = self.n_iter_
         flag = _InterruptFlag()
-        bar = self._em_progress(start)
+        main = group is None or group.is_main
+        bar = self._em_progress(start) if main else None
+        self._data_parallel = group  # distributed hook, read by the E- and M-steps
         try:
             with flag.watch():
                 for k in range(start, int(self.n_iter)):
@@ -393,7 +411,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(self._postfix(self.history_[-1]))
-                    if key is not None:
+                    if key is not None and main:
                         self._save_checkpoint(key, base_seed)
                     if self.callback is not None:
                         self.callback(self, self.history_[-1])
@@ -407,6 +425,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 stacklevel=2,
             )
         finally:
+            del self._data_parallel
             if bar is not None:
                 bar.close()
         return self
@@ -500,7 +519,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             # while the prior is the Gaussian initialisation.
             tic = time.perf_counter()
             generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
-            X = self._e_step(Y, op, generator)
+            X = self._sharded_e_step(Y, op, generator)
             record["e_step_seconds"] = time.perf_counter() - tic
             record["e_step_exact"] = self.n_iter_ == 0
             if not bool(torch.isfinite(X).all()):
@@ -515,7 +534,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             # M-step: denoising score matching on the samples, warm-started.
             tic = time.perf_counter()
             epochs_before = len(network.history) if _initialized(network) else 0
-            network.partial_fit(X)
+            self._partial_fit(network, X, _sub_seed(base_seed, k + 1, 2))
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
                 raise KeyboardInterrupt
@@ -607,6 +626,26 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         if self.n_iter_ == 0:
             return self._exact_posterior_samples(Y, op, generator)
         return self._posterior_samples(self._network, Y, op, generator)
+
+    def _sharded_e_step(self, Y: Tensor, op: Operator, generator: torch.Generator) -> Tensor:
+        """Distributed hook: :meth:`_e_step` on this rank's shard of the rows, all-gathered,
+        so that every rank holds all samples ``(n, D)``; :meth:`_e_step` in one process."""
+        group: DataParallel | None = getattr(self, "_data_parallel", None)
+        if group is None:
+            return self._e_step(Y, op, generator)
+        rows = group.shard(len(Y))
+        X = self._e_step(Y[rows], op[rows], group.rank_generator(generator))
+        return group.all_gather_rows(X, len(Y))
+
+    def _partial_fit(self, network: Any, X: Tensor, seed: int) -> None:
+        """``network.partial_fit(X)``; distributed hook: data-parallel on this rank's part of
+        the samples (equal sizes on every rank, a random partition drawn from ``seed``)."""
+        group: DataParallel | None = getattr(self, "_data_parallel", None)
+        if group is None:
+            network.partial_fit(X)
+            return
+        with data_parallel_training(network, group):
+            network.partial_fit(X[group.m_step_rows(len(X), seed)])
 
     def _exact_posterior_samples(
         self, Y: Tensor, op: Operator, generator: torch.Generator
