@@ -28,8 +28,11 @@ and, integrating the density along the flow from :math:`\sigma_0` to :math:`\sig
     - P_{e^s}\big)\, \mathrm{d}s.
 
 Both corrections vanish when the prior is the Gaussian, for any step size: the ODE solver
-(Heun's method, uniform in :math:`s`) only integrates the prior's departure from the Gaussian,
-which is why few steps suffice. :math:`\log q(x)` is approximated by
+only integrates the prior's departure from the Gaussian, which is why few steps suffice. It
+is Heun's method with uniform steps in a time :math:`\tau(\sigma)` that follows the Gaussian's
+mean shrinkage :math:`\frac1D \sum_j \sigma^2 / (\lambda_j + \sigma^2)`
+(:meth:`GaussianFlow.time_grid`), so that the steps fall where :math:`\sigma^2` crosses the
+eigenvalues, where the flow transports mass. :math:`\log q(x)` is approximated by
 :math:`\log p_{\sigma_{\min}}(x)`, the density the denoiser defines.
 
 *Trace.* :math:`\operatorname{tr}(\partial_x D - P_\sigma)` is exact (one vector-Jacobian
@@ -77,7 +80,6 @@ that (small) noise.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -89,7 +91,6 @@ from torch import Tensor
 from diffem.operators import Operator
 from diffem.priors import GaussianPrior
 from diffem.priors._common import _cholesky
-from diffem.schedule import VESchedule
 
 __all__ = [
     "GaussianFlow",
@@ -135,6 +136,45 @@ class GaussianFlow:
         w = self.whiten(x, sigma)
         var = self.eigvals + sigma**2
         return -0.5 * ((w**2).sum(-1) + torch.log(var).sum() + x.shape[-1] * LOG_2PI)
+
+    def time_grid(
+        self, sigma_min: float, sigma_max: float, steps: int, uniform_share: float = 1 / 3
+    ) -> tuple[list[float], list[float]]:
+        r"""``steps + 1`` values of :math:`s = \log \sigma` from ``sigma_min`` to ``sigma_max``,
+        uniform in the time
+
+        .. math:: \tau(s) \propto (1 - a) \frac1D \sum_j \frac{\sigma^2}{\lambda_j + \sigma^2}
+            + a \frac{s}{\log(\sigma_{\max} / \sigma_{\min})}, \qquad \tau \in [0, 1],
+
+        and :math:`\mathrm{d}s / \mathrm{d}\tau` there. The first term is the mean
+        shrinkage of the flow, which moves from 0 to 1 where :math:`\sigma^2` crosses the
+        eigenvalues: there the flow transports mass and a prior's departure from the Gaussian
+        shows (it fades as :math:`\sigma^2` below and :math:`\sigma^{-2}` above); the
+        share ``a`` uniform in :math:`\log \sigma` keeps steps everywhere."""
+        lo, hi = math.log(sigma_min), math.log(sigma_max)
+        span = hi - lo
+
+        def tau(s: Tensor) -> Tensor:
+            s2 = torch.exp(2 * s)[:, None]
+            shrink = (s2 / (self.eigvals + s2)).mean(-1)
+            return (1 - uniform_share) * shrink + uniform_share * (s - lo) / span
+
+        def dtau_ds(s: Tensor) -> Tensor:
+            s2 = torch.exp(2 * s)[:, None]
+            rate = (2 * s2 * self.eigvals / (self.eigvals + s2) ** 2).mean(-1)
+            return (1 - uniform_share) * rate + uniform_share / span
+
+        fine = torch.linspace(lo, hi, 64 * steps + 1, dtype=torch.float64, device=self.mean.device)
+        values = tau(fine)
+        length = values[-1] - values[0]
+        targets = values[0] + length * torch.linspace(
+            0, 1, steps + 1, dtype=torch.float64, device=fine.device
+        )
+        right = torch.searchsorted(values, targets).clamp(1, len(fine) - 1)
+        frac = (targets - values[right - 1]) / (values[right] - values[right - 1])
+        grid = fine[right - 1] + frac * (fine[right] - fine[right - 1])
+        grid[0], grid[-1] = lo, hi
+        return grid.tolist(), (length / dtau_ds(grid)).tolist()
 
     def shrinkage(self, sigma: float) -> Tensor:
         r"""The eigenvalues :math:`\lambda / (\lambda + \sigma^2)` of :math:`P_\sigma`, ``(D,)``."""
@@ -225,8 +265,8 @@ def ode_log_density(
     r"""Log-density :math:`\log q(x)` of a diffusion prior by the probability-flow ODE,
     solved relative to the Gaussian ``flow`` (see the module docstring).
 
-    Heun's method on a uniform grid of ``steps`` steps in :math:`\log \sigma` from
-    ``sigma_min`` to ``sigma_max``: two denoiser evaluations per step, each with
+    Heun's method with ``steps`` uniform steps in the time of :meth:`GaussianFlow.time_grid`
+    from ``sigma_min`` to ``sigma_max``: two denoiser evaluations per step, each with
     ``min(D, n_probes)`` vector-Jacobian products. Exact, for any ``steps``, when ``denoiser``
     is the Gaussian of ``flow``.
 
@@ -258,15 +298,19 @@ def ode_log_density(
     w0 = w
     integral = torch.zeros(x.shape[0], dtype=torch.float64, device=w.device)
     variance = torch.zeros_like(integral)
-    t = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    grid = torch.log(VESchedule(sigma_min, sigma_max).sigma(t)).tolist()  # uniform in log sigma
-    for s0, s1 in itertools.pairwise(grid):
-        h = s1 - s0
-        k1 = _field(denoiser, flow, w, s0, x.dtype, probes, generator)
-        k2 = _field(denoiser, flow, w + h * k1.velocity, s1, x.dtype, probes, generator)
-        w = w + 0.5 * h * (k1.velocity + k2.velocity)
-        integral += 0.5 * h * (k1.trace + k2.trace)
-        variance += (0.5 * h) ** 2 * (k1.trace_var + k2.trace_var)
+    # Heun's method in tau, uniform steps; d/dtau = (ds/dtau) d/ds
+    grid, ds_dtau = flow.time_grid(sigma_min, sigma_max, steps)
+    h = 1.0 / steps
+    for i in range(steps):
+        k1 = _field(denoiser, flow, w, grid[i], x.dtype, probes, generator)
+        v1, g1 = ds_dtau[i] * k1.velocity, ds_dtau[i] * k1.trace
+        k2 = _field(denoiser, flow, w + h * v1, grid[i + 1], x.dtype, probes, generator)
+        v2, g2 = ds_dtau[i + 1] * k2.velocity, ds_dtau[i + 1] * k2.trace
+        w = w + 0.5 * h * (v1 + v2)
+        integral += 0.5 * h * (g1 + g2)
+        variance += (0.5 * h) ** 2 * (
+            ds_dtau[i] ** 2 * k1.trace_var + ds_dtau[i + 1] ** 2 * k2.trace_var
+        )
     correction = 0.5 * ((w0**2).sum(-1) - (w**2).sum(-1)) - integral
     return LogDensity(flow.log_prob(x, sigma_min) + correction, variance)
 
