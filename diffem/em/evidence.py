@@ -260,6 +260,7 @@ def ode_log_density(
     sigma_max: float,
     steps: int = 8,
     n_probes: int = 2,
+    uniform_share: float = 1 / 3,
     generator: torch.Generator | None = None,
 ) -> LogDensity:
     r"""Log-density :math:`\log q(x)` of a diffusion prior by the probability-flow ODE,
@@ -282,6 +283,9 @@ def ode_log_density(
     n_probes : int
         Rademacher probes of Hutchinson's trace estimator (with the Gaussian control
         variate); the trace is exact when ``D <= n_probes`` (it costs no more).
+    uniform_share : float
+        Share of the time uniform in :math:`\log \sigma` (:meth:`GaussianFlow.time_grid`;
+        ``1`` gives steps uniform in :math:`\log \sigma`).
     generator : torch.Generator or None
         Draws the probes.
 
@@ -299,7 +303,7 @@ def ode_log_density(
     integral = torch.zeros(x.shape[0], dtype=torch.float64, device=w.device)
     variance = torch.zeros_like(integral)
     # Heun's method in tau, uniform steps; d/dtau = (ds/dtau) d/ds
-    grid, ds_dtau = flow.time_grid(sigma_min, sigma_max, steps)
+    grid, ds_dtau = flow.time_grid(sigma_min, sigma_max, steps, uniform_share)
     h = 1.0 / steps
     for i in range(steps):
         k1 = _field(denoiser, flow, w, grid[i], x.dtype, probes, generator)
