@@ -634,7 +634,11 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         if group is None:
             return self._e_step(Y, op, generator)
         rows = group.shard(len(Y))
-        X = self._e_step(Y[rows], op[rows], group.rank_generator(generator))
+        generator = group.rank_generator(generator)
+        if rows.stop > rows.start:
+            X = self._e_step(Y[rows], op[rows], generator)
+        else:  # more ranks than observations
+            X = torch.zeros(0, op.n_features)
         return group.all_gather_rows(X, len(Y))
 
     def _partial_fit(self, network: Any, X: Tensor, seed: int) -> None:
