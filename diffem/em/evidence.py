@@ -100,6 +100,7 @@ __all__ = [
 ]
 
 LOG_2PI = math.log(2 * math.pi)
+_COVARIANCE_ENTRIES = 2**25  # 256 MB of float64
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
@@ -425,7 +426,9 @@ def importance_log_evidence(
         - \log r(x_k \mid y)\big] - \log K + \tfrac12 \mathrm{se}^2.
 
     Cost per observation: ``2 * steps * n_samples`` denoiser evaluations, each with
-    ``min(D, n_probes)`` vector-Jacobian products.
+    ``min(D, n_probes)`` vector-Jacobian products, and the proposal's dense ``(D, D)``
+    posterior covariance and its Cholesky factor (:math:`O(D^3)`, which dominates beyond a
+    thousand dimensions).
 
     Parameters
     ----------
@@ -474,7 +477,9 @@ def importance_log_evidence(
         inflation = 1.0 + math.sqrt(2 * math.log(2) / d)
     if not inflation >= 1.0:
         raise ValueError(f"inflation must be at least 1, got {inflation!r}.")
-    per_chunk = max(1, batch_size // n_samples)
+    # observations per chunk: batch_size proposals, and (D, D) posterior covariances of at
+    # most _COVARIANCE_ENTRIES entries in all
+    per_chunk = max(1, min(batch_size // n_samples, _COVARIANCE_ENTRIES // (d * d)))
     out: list[Evidence] = []
     for start in range(0, Y.shape[0], per_chunk):
         rows = torch.arange(start, min(Y.shape[0], start + per_chunk))
