@@ -42,15 +42,9 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from _common import machine_header, resolve_device
 
-from diffem.demo import (
-    _finite,
-    distances,
-    fit_tracked,
-    format_table,
-    powers_of_two,
-    record_summary,
-)
-from diffem.metrics import sinkhorn_divergence
+from diffem._report import fit_tracked, format_table, powers_of_two, record_summary
+from diffem.demo import _finite
+from diffem.metrics import sinkhorn_divergence, sliced_wasserstein
 
 
 def _sinkhorn(samples: np.ndarray, truth: np.ndarray) -> float:
@@ -58,7 +52,7 @@ def _sinkhorn(samples: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _sliced(samples: np.ndarray, truth: np.ndarray, seed: int) -> float:
-    return distances(samples, truth, seed)["sliced W2"]
+    return sliced_wasserstein(_finite(samples), truth, random_state=seed)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,12 +114,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diffem.datasets import make_manifold
     from diffem.denoisers import MLPDenoiser
     from diffem.plotting import metric_curves, pair_grid, save_figure
+    from diffem.priors import fit_gaussian_mixture
     from diffem.samplers import MMPS
-
-    try:
-        from diffem.priors import fit_gaussian_mixture
-    except ImportError:  # older layout
-        from diffem.priors.em import fit_gaussian_mixture
 
     t_all = time.perf_counter()
     out = Path(args.out)
@@ -158,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- mixture baseline (extreme deconvolution)
     t0 = time.perf_counter()
     mixture = fit_gaussian_mixture(
-        Y, operator, args.mixture_components, n_iter=args.mixture_iter, generator=args.seed
+        Y, operator, args.mixture_components, n_iter=args.mixture_iter, random_state=args.seed
     )
     mix_samples = np.asarray(mixture.sample(args.n_eval, generator=args.seed + 1))
     results[f"Gaussian mixture, {args.mixture_components} comp. (XD)"] = {

@@ -36,22 +36,19 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, clone
-from sklearn.utils import check_random_state
 from sklearn.utils.validation import check_is_fitted
 from skorch.callbacks import Callback
 from torch import Tensor
 
-from diffem._device import loadable_device
+from diffem._device import loadable_device, resolve_device
+from diffem._random import draw_seed as _seed
+from diffem._random import torch_generator as _generator
+from diffem._validation import check_int
 from diffem.denoisers import DivergenceError, MLPDenoiser
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
 from diffem.em.distributed import DataParallel, data_parallel_training, resolve_data_parallel
 from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
-from diffem.em.validation import (
-    check_observations,
-    check_params,
-    resolve_device,
-    resolve_operator,
-)
+from diffem.em.validation import check_observations, check_params, resolve_operator
 from diffem.operators import Operator
 from diffem.priors import GaussianPrior, fit_gaussian
 from diffem.samplers import MMPS, Unconditional
@@ -138,18 +135,9 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, previous)
 
 
-def _seed(random_state: Any) -> int:
-    """A seed in ``[0, 2**31 - 1)`` from ``None``, an int or a ``RandomState``."""
-    return int(check_random_state(random_state).randint(0, 2**31 - 1))
-
-
 def _sub_seed(base: int, *keys: int) -> int:
     """Independent seeds per EM iteration and stage, from one base seed."""
     return int(np.random.SeedSequence([base, *keys]).generate_state(1)[0])
-
-
-def _generator(seed: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
 
 
 class DiffusionPriorEM(TransformerMixin, BaseEstimator):
@@ -455,7 +443,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             op,
             n_iter=int(self.gaussian_iter),
             rank=self.gaussian_rank,
-            generator=_sub_seed(base_seed, 0, 0),
+            random_state=_sub_seed(base_seed, 0, 0),
             device=device,
         )
         self.gaussian_prior_ = prior.to("cpu")
@@ -742,7 +730,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         to the estimator's.
         """
         check_is_fitted(self, ("denoiser_", "gaussian_prior_"))
-        n_samples = _check_count(n_samples, "n_samples")
+        n_samples = check_int(n_samples, "n_samples", 1)
         generator = self._predict_generator(random_state)
         if not self._is_diffusion:
             prior = self.gaussian_prior_.to(self.device_)
@@ -784,7 +772,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         prior. ``random_state`` defaults to the estimator's.
         """
         Y_t, op = self._check_predict(Y, operator)
-        n_samples = _check_count(n_samples, "n_samples")
+        n_samples = check_int(n_samples, "n_samples", 1)
         generator = self._predict_generator(random_state)
         return _numpy(self._sample_posterior_torch(Y_t, op, n_samples, generator))
 
@@ -939,9 +927,3 @@ def _loads(blob: bytes) -> Any:
 
 def _numpy(tensor: Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float32).numpy()
-
-
-def _check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)

@@ -12,28 +12,8 @@ Randomness is drawn from ``generator`` for all ``n`` rows at once, step by step,
 denoiser runs on chunks of ``batch_size`` rows: samples do not depend on ``batch_size``, and no
 autograd graph outlives its chunk.
 
-Accuracy of the solvers with an exact denoiser on the default schedule
-:math:`\sigma \in [10^{-3}, 10^2]`. *1-D*: final variance over the true one of a 1-D Gaussian
-prior. *prior*: :math:`\lVert S - I \rVert_F` of 2000 whitened samples of :class:`Unconditional`
-from the ``D = 16`` Gaussian prior of the tests (sampling noise alone: about 0.37). *mask*,
-*dense*: the same for 1000 samples of :class:`~diffem.samplers.MMPS` (``cg_iter=16``, so the
-guided denoiser is exact) from the tests' Gaussian posteriors (sampling noise alone: about
-0.52). *evals*: (guided) denoiser evaluations per sample.
-
-========= === ===== ===== ===== ===== ===== =====
-solver    eta steps evals 1-D   prior mask  dense
-========= === ===== ===== ===== ===== ===== =====
-ancestral 1   32    32    0.706 1.21  1.25  1.26
-ancestral 1   64    64    0.838 0.72  0.78  0.79
-ancestral 1   128   128   0.915 0.47  0.58  0.60
-ancestral 0   64    64    0.913 0.45  0.55  0.56
-heun      0   32    63    1.038 0.43  0.57  0.59
-heun      1   32    63    1.057 0.41  0.57  0.58
-dpmpp_2m  0   32    32    1.016 0.39  0.54  0.55
-dpmpp_2m  0   64    64    1.004 0.37  0.52  0.53
-dpmpp_2m  1   32    32    1.042 0.38  0.53  0.52
-dpmpp_2m  1   64    64    1.011 0.36  0.53  0.58
-========= === ===== ===== ===== ===== ===== =====
+The accuracy of the solvers with an exact denoiser is tabulated in the documentation
+(*Benchmarks*, "Solver accuracy with an exact denoiser").
 """
 
 from __future__ import annotations
