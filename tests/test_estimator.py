@@ -12,7 +12,6 @@ from conftest import tiny_estimator
 
 from diffem import DiffusionPriorEM
 from diffem.denoisers import MLPDenoiser
-from diffem.em.evidence import importance_log_evidence, ode_log_density
 from diffem.operators import Identity, Mask
 from diffem.priors import GaussianPrior, fit_gaussian
 from diffem.samplers import MMPS
@@ -171,82 +170,6 @@ def test_history(diffusion) -> None:
     assert diffusion.device_ == torch.device("cpu") and diffusion.n_features_in_ == D
     # the network's own training history covers both M-steps
     assert len(diffusion.denoiser_.history) == 80
-
-
-# ---------------------------------------------------------------------- the log-evidence estimator
-def test_ode_log_density_of_a_gaussian(problem: Problem) -> None:
-    prior = problem.truth
-    x = torch.as_tensor(prior.sample(300, generator=0))
-    exact = torch.distributions.MultivariateNormal(
-        torch.as_tensor(problem.mean), torch.as_tensor(problem.cov)
-    ).log_prob(x.double())
-    common = dict(
-        sigma_min=1e-3,
-        sigma_max=100.0,
-        terminal_mean=torch.as_tensor(problem.mean),
-        terminal_cov=torch.as_tensor(problem.cov),
-    )
-    rk4 = ode_log_density(prior, x, steps=16, **common)
-    assert (rk4 - exact).abs().mean() < 0.06 and (rk4 - exact).abs().max() < 0.3
-    finer = ode_log_density(prior, x, steps=32, **common)
-    assert (finer - exact).abs().mean() < 0.5 * (rk4 - exact).abs().mean()
-    heun = ode_log_density(prior, x, steps=32, method="heun", **common)
-    heun_finer = ode_log_density(prior, x, steps=64, method="heun", **common)
-    assert (heun_finer - exact).abs().mean() < 0.5 * (heun - exact).abs().mean()
-    # Hutchinson's trace estimator: unbiased
-    gen = torch.Generator().manual_seed(0)
-    hutch = ode_log_density(
-        prior, x, steps=16, exact_max_dim=0, n_probes=4, generator=gen, **common
-    )
-    error = hutch - exact
-    assert abs(float(error.mean())) < 4 * float(error.std()) / math.sqrt(len(x)) + 0.06
-
-
-def test_importance_sampling_matches_exact_evidence(problem: Problem) -> None:
-    Y, op = problem.test
-    prior = problem.truth
-    exact = torch.as_tensor(prior.log_evidence(Y, op)).double()
-    estimates = {}
-    for k in (4, 32):
-        values, ess = importance_log_evidence(
-            prior,
-            torch.as_tensor(Y),
-            op,
-            prior,
-            sigma_min=1e-3,
-            sigma_max=100.0,
-            n_samples=k,
-            steps=16,
-            generator=torch.Generator().manual_seed(0),
-        )
-        assert values.shape == (N_TEST,) and ((ess >= 1) & (ess <= k + 1e-6)).all()
-        estimates[k] = values
-    error = estimates[32] - exact
-    assert abs(float(error.mean())) < 0.05 and float(error.abs().max()) < 0.6
-    # consistency: more proposals, smaller error
-    assert (estimates[32] - exact).abs().mean() < (estimates[4] - exact).abs().mean()
-
-
-def test_noiseless_identity_evidence_is_the_density(problem: Problem) -> None:
-    """With y = x (no noise) the evidence is the prior density itself; the estimator floors
-    the noise at a tiny std and recovers it."""
-    prior = problem.truth
-    x = torch.as_tensor(prior.sample(50, generator=3))
-    values, _ = importance_log_evidence(
-        prior,
-        x,
-        Identity(D).expand(50),
-        prior,
-        sigma_min=1e-3,
-        sigma_max=100.0,
-        n_samples=64,
-        steps=16,
-        min_noise_std=1e-3,
-        generator=torch.Generator().manual_seed(0),
-    )
-    exact = torch.as_tensor(prior.log_evidence(x, Identity(D))).double()
-    assert abs(float((values - exact).mean())) < 0.05
-    assert (values - exact).abs().mean() < 0.15
 
 
 # ---------------------------------------------------------------------- API behaviour

@@ -46,7 +46,8 @@ from diffem._random import torch_generator as _generator
 from diffem._validation import check_int
 from diffem.denoisers import DivergenceError, MLPDenoiser
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
-from diffem.em.evidence import importance_log_evidence
+from diffem.em.distributed import DataParallel, data_parallel_training, resolve_data_parallel
+from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
 from diffem.em.validation import check_observations, check_params, resolve_operator
 from diffem.operators import Operator
 from diffem.priors import GaussianPrior, fit_gaussian
@@ -56,7 +57,7 @@ __all__ = ["DiffusionPriorEM", "default_sampler"]
 
 # Fitted attributes holding tensors; pickled through torch.save so that they can be mapped to
 # the CPU when CUDA is unavailable at load time.
-_TORCH_ATTRIBUTES = ("denoiser_", "sampler_", "gaussian_prior_")
+_TORCH_ATTRIBUTES = ("denoiser_", "sampler_", "gaussian_prior_", "proposal_")
 
 # Largest dimension for which the cheap evidence proxy of the history is computed.
 _PROXY_MAX_DIM = 64
@@ -198,12 +199,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         for large dimensions; ``None`` is a full covariance.
     n_transform_samples : int, default=16
         Posterior samples averaged by :meth:`transform` for a diffusion prior.
-    n_score_samples : int, default=32
-        Importance samples ``K`` per observation of :meth:`score_samples` for a diffusion prior
-        (the cost parameter of the evidence estimate).
-    score_steps : int, default=16
-        Runge-Kutta steps of the probability-flow ODE that gives :math:`\log q(x)` in
-        :meth:`score_samples`.
+    n_score_samples : int, default=16
+        Importance samples ``K`` per observation of :meth:`score_samples` for a diffusion prior:
+        its cost is proportional, its standard error falls as :math:`1/\sqrt{K}`.
+    score_steps : int, default=8
+        Heun steps of the probability-flow ODE that gives :math:`\log q(x)` in
+        :meth:`score_samples` (cost proportional; error :math:`O(1/\text{steps}^2)`).
     batch_size : int, default=4096
         Observations per E-step chunk (bounds device memory), and proposals per ODE batch in
         :meth:`score_samples`.
@@ -215,6 +216,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         ``record = {"iteration": 0}``) and after every completed EM iteration (with that
         iteration's ``history_`` record), the estimator then holding that iteration's prior:
         e.g. to evaluate or plot the prior along EM. It must not refit the estimator.
+    distributed : {"auto", True, False}, default="auto"
+        Data-parallel EM across the processes of a launcher (``torchrun --nproc-per-node N
+        script.py``; see :mod:`diffem.em.distributed`): each rank samples the E-step of its
+        shard of the observations, the M-step averages the gradients over the ranks, and every
+        rank ends with the same estimator. ``"auto"`` does so when the launcher's environment
+        (``WORLD_SIZE > 1``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``) or an initialised
+        process group is found, ``True`` requires it, ``False`` ignores it (a single-process
+        fit in every process). NCCL on CUDA (``cuda:LOCAL_RANK``), gloo on the CPU.
 
     Attributes
     ----------
@@ -224,7 +233,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     sampler_ : PosteriorSampler
         The E-step sampler, with the schedule used.
     gaussian_prior_ : GaussianPrior
-        The Gaussian initialisation (also the proposal of :meth:`score_samples`).
+        The Gaussian initialisation.
+    proposal_ : GaussianPrior
+        The Gaussian moment-matched to the last E-step's samples (the training data of the
+        final M-step; Ledoit-Wolf covariance): its posteriors are the importance proposals of
+        :meth:`score_samples`, and its flow the reference of the probability-flow ODE. Absent
+        when ``n_iter_ == 0``.
     history_ : list of dict
         One record per completed EM iteration: ``iteration``, ``e_step_seconds``,
         ``m_step_seconds``, ``train_loss`` (last epoch), ``n_epochs``, the sampler's
@@ -287,11 +301,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         gaussian_iter: int = 16,
         gaussian_rank: int | None = None,
         n_transform_samples: int = 16,
-        n_score_samples: int = 32,
-        score_steps: int = 16,
+        n_score_samples: int = 16,
+        score_steps: int = 8,
         batch_size: int = 4096,
         checkpoint_dir: Any = None,
         callback: Any = None,
+        distributed: Any = "auto",
     ) -> None:
         self.denoiser = denoiser
         self.sampler = sampler
@@ -308,6 +323,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.checkpoint_dir = checkpoint_dir
         self.callback = callback
+        self.distributed = distributed
 
     # ------------------------------------------------------------------ scikit-learn tags
     def __sklearn_tags__(self) -> Any:
@@ -352,8 +368,13 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         d = op.n_features
         self._reset_fitted()
+        # distributed hook: the launcher's process group (None in a single process)
+        group = resolve_data_parallel(self.distributed, device)
+        device = device if group is None else group.device
 
         base_seed = _seed(self.random_state)
+        if group is not None:
+            base_seed = group.broadcast_int(base_seed)  # the same EM on every rank
         key = None
         payload = None
         if self.checkpoint_dir is not None:
@@ -371,7 +392,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
 
         start = self.n_iter_
         flag = _InterruptFlag()
-        bar = self._em_progress(start)
+        main = group is None or group.is_main
+        bar = self._em_progress(start) if main else None
+        self._data_parallel = group  # distributed hook, read by the E- and M-steps
         try:
             with flag.watch():
                 for k in range(start, int(self.n_iter)):
@@ -380,7 +403,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(self._postfix(self.history_[-1]))
-                    if key is not None:
+                    if key is not None and main:
                         self._save_checkpoint(key, base_seed)
                     if self.callback is not None:
                         self.callback(self, self.history_[-1])
@@ -394,6 +417,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 stacklevel=2,
             )
         finally:
+            del self._data_parallel
             if bar is not None:
                 bar.close()
         return self
@@ -487,7 +511,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             # while the prior is the Gaussian initialisation.
             tic = time.perf_counter()
             generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
-            X = self._e_step(Y, op, generator)
+            X = self._sharded_e_step(Y, op, generator)
             record["e_step_seconds"] = time.perf_counter() - tic
             record["e_step_exact"] = self.n_iter_ == 0 and op.is_linear  # else linearised
             if not bool(torch.isfinite(X).all()):
@@ -502,7 +526,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             # M-step: denoising score matching on the samples, warm-started.
             tic = time.perf_counter()
             epochs_before = len(network.history) if _initialized(network) else 0
-            network.partial_fit(X)
+            self._partial_fit(network, X, _sub_seed(base_seed, k + 1, 2))
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
                 raise KeyboardInterrupt
@@ -529,6 +553,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         record["train_loss"] = float(history[-1]["train_loss"]) if len(history) else math.nan
         record["gaussian_log_evidence"] = self._evidence_proxy(X, Y, op)
         self.denoiser_ = network
+        # score hook: the new prior was trained on X; its moment-matched Gaussian's posteriors
+        # are the importance proposals of score_samples
+        self.proposal_ = moment_matched_gaussian(X)
         self.n_iter_ = k + 1
         self.history_.append(record)
         return True
@@ -592,6 +619,30 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             return self._exact_posterior_samples(Y, op, generator)
         return self._posterior_samples(self._network, Y, op, generator)
 
+    def _sharded_e_step(self, Y: Tensor, op: Operator, generator: torch.Generator) -> Tensor:
+        """Distributed hook: :meth:`_e_step` on this rank's shard of the rows, all-gathered,
+        so that every rank holds all samples ``(n, D)``; :meth:`_e_step` in one process."""
+        group: DataParallel | None = getattr(self, "_data_parallel", None)
+        if group is None:
+            return self._e_step(Y, op, generator)
+        rows = group.shard(len(Y))
+        generator = group.rank_generator(generator)
+        if rows.stop > rows.start:
+            X = self._e_step(Y[rows], op[rows], generator)
+        else:  # more ranks than observations
+            X = torch.zeros(0, op.n_features)
+        return group.all_gather_rows(X, len(Y))
+
+    def _partial_fit(self, network: Any, X: Tensor, seed: int) -> None:
+        """``network.partial_fit(X)``; distributed hook: data-parallel on this rank's part of
+        the samples (equal sizes on every rank, a random partition drawn from ``seed``)."""
+        group: DataParallel | None = getattr(self, "_data_parallel", None)
+        if group is None:
+            network.partial_fit(X)
+            return
+        with data_parallel_training(network, group):
+            network.partial_fit(X[group.m_step_rows(len(X), seed)])
+
     def _exact_posterior_samples(
         self, Y: Tensor, op: Operator, generator: torch.Generator
     ) -> Tensor:
@@ -624,6 +675,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     def _state_names() -> tuple[str, ...]:
         return (
             "gaussian_prior_",
+            "proposal_",
             "sigma_data_",
             "sampler_",
             "_network",
@@ -758,37 +810,43 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         samples = self._sample_posterior_torch(Y_t, op, int(self.n_transform_samples), generator)
         return _numpy(samples.mean(1))
 
-    def score_samples(self, Y: Any, operator: Operator | None = None) -> np.ndarray:
-        r"""Log-evidences :math:`\log q(y_i)`, NumPy float32 ``(n,)``.
+    def score_samples(
+        self, Y: Any, operator: Operator | None = None, return_std: bool = False
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        r"""Log-evidences :math:`\log q(y_i)`, NumPy float32 ``(n,)``; with ``return_std``,
+        also their Monte Carlo standard errors ``(n,)``.
 
-        Exact for the Gaussian prior. For a diffusion prior, the importance-sampling estimate
-        of :func:`diffem.em.evidence.importance_log_evidence`,
+        Exact for the Gaussian prior (standard error 0). For a diffusion prior, the
+        importance-sampling estimate of :func:`diffem.em.evidence.importance_log_evidence`,
 
         .. math:: \log q(y) \approx \operatorname{logsumexp}_{k=1}^{K}\big[\log q(x_k)
             + \log p(y \mid x_k) - \log r(x_k \mid y)\big] - \log K,
 
-        with ``K = n_score_samples`` proposals from the Gaussian initialisation's exact
-        posterior (linearised for a nonlinear operator; covariance inflated by
-        :math:`1 + \sqrt{2 \ln 2 / D}`) and
-        :math:`\log q(x)` from the probability-flow ODE (``score_steps`` Runge-Kutta steps;
-        exact divergence up to 32 dimensions, Hutchinson's estimator above). It is consistent
-        as ``K`` and ``score_steps`` grow; noiseless measurements are given a noise std of
-        ``1e-3 * sigma_data_``. Cost: ``4 * score_steps * K`` denoiser evaluations, each with
-        ``D`` (or, above 32 dimensions, 4)
-        vector-Jacobian products, per observation.
+        with ``K = n_score_samples`` proposals from the exact posterior of ``proposal_``
+        (linearised for a nonlinear operator; covariance slightly inflated) and :math:`\log q(x)` from the
+        probability-flow ODE solved relative to that Gaussian (``score_steps`` Heun steps;
+        Hutchinson's trace estimator with two Rademacher probes and the Gaussian as control
+        variate, exact for ``D <= 2``), plus the first-order bias correction
+        :math:`\mathrm{se}^2/2`. It is consistent as ``K`` and ``score_steps`` grow; noiseless
+        measurements are given a noise std of ``1e-3 * sigma_data_``. The standard error is
+        the delta-method estimate from the importance weights: the spread of repeated
+        estimates, not the ODE's discretisation error. Cost per observation:
+        ``2 * score_steps * K`` denoiser evaluations with two vector-Jacobian products each
+        (at the defaults, 256 evaluations: a small fraction of ``fit``'s E-steps and M-steps;
+        see ``benchmarks/results/score_speed.md``).
         """
         Y_t, op = self._check_predict(Y, operator)
         if not self._is_diffusion:
             prior = self.gaussian_prior_.to(self.device_)
-            values = prior._log_evidence_torch(Y_t.to(self.device_), op.to(self.device_))
-            return _numpy(values)
+            values = _numpy(prior._log_evidence_torch(Y_t.to(self.device_), op.to(self.device_)))
+            return (values, np.zeros_like(values)) if return_std else values
         generator = self._predict_generator(None)
         params = self.sampler_.get_params(deep=False)
-        log_evidence, _ = importance_log_evidence(
+        evidence = importance_log_evidence(
             self.denoiser_,
             Y_t,
             op,
-            self.gaussian_prior_,
+            getattr(self, "proposal_", self.gaussian_prior_),
             sigma_min=float(getattr(self.denoiser_, "sigma_min", params["sigma_min"])),
             sigma_max=float(getattr(self.denoiser_, "sigma_max", params["sigma_max"])),
             n_samples=int(self.n_score_samples),
@@ -798,11 +856,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             device=self.device_,
             generator=generator,
         )
-        return _numpy(log_evidence)
+        values = _numpy(evidence.log_evidence)
+        return (values, _numpy(evidence.std)) if return_std else values
 
     def score(self, Y: Any, operator: Operator | None = None, *, y: Any = None) -> float:
         """Mean log-evidence of the observations, ``mean(score_samples(Y, operator))``;
-        higher is better. ``y`` is a keyword alias of ``operator`` (see :meth:`fit`)."""
+        higher is better. ``y`` is a keyword alias of ``operator`` (see :meth:`fit`). Its
+        Monte Carlo standard error is ``sqrt(sum(std**2)) / n`` with ``std`` from
+        ``score_samples(Y, operator, return_std=True)``."""
         operator = _operator_alias(operator, y)
         return float(np.mean(self.score_samples(Y, operator), dtype=np.float64))
 

@@ -1,54 +1,78 @@
 r"""Log-densities and log-evidences of a diffusion prior.
 
-**Log-density by the probability-flow ODE** (Song et al., 2021, "Score-Based Generative Modeling
-through Stochastic Differential Equations", ICLR, appendix D.2). For the variance-exploding
-process :math:`x_\sigma = x + \sigma z` with denoiser :math:`D(x, \sigma) = E[x \mid x_\sigma]`,
-the probability-flow ODE is
+**Log-density by the probability-flow ODE, relative to a Gaussian** (Song et al., 2021,
+"Score-Based Generative Modeling through Stochastic Differential Equations", ICLR, appendix
+D.2). For the variance-exploding process :math:`x_\sigma = x + \sigma z` with denoiser
+:math:`D(x, \sigma) = E[x \mid x_\sigma]`, the probability-flow ODE in :math:`s = \log \sigma` is
+:math:`\mathrm{d}x / \mathrm{d}s = x - D(x, e^s)`, and along its trajectories
+:math:`\mathrm{d} \log p_s(x_s) / \mathrm{d}s = -\nabla \cdot (x - D) = -(d -
+\operatorname{tr} \partial_x D)`.
 
-.. math:: \frac{\mathrm{d} x}{\mathrm{d} \sigma} = \frac{x - D(x, \sigma)}{\sigma}
-    \quad\Longleftrightarrow\quad \frac{\mathrm{d} x}{\mathrm{d} s} = x - D(x, e^s),
-    \qquad s = \log \sigma,
+It is solved *relative to a Gaussian* :math:`\mathcal{N}(m, C)`,
+:math:`C = V \operatorname{diag}(\lambda) V^\top`, whose flow is known in closed form: its
+denoiser is :math:`D_G(x, \sigma) = m + P_\sigma (x - m)` with
+:math:`P_\sigma = C (C + \sigma^2 I)^{-1}`, and its flow keeps the whitened coordinates
+:math:`w = (C + \sigma^2 I)^{-1/2} (x - m)` constant. For any denoiser, in these coordinates,
 
-and along its trajectories :math:`\frac{\mathrm{d}}{\mathrm{d}s} \log p_s(x_s) =
--\nabla \cdot (x - D) = -(d - \operatorname{tr} \partial_x D)`. Integrating from
-:math:`\sigma_{\min}` (the data end) to :math:`\sigma_{\max}`:
+.. math:: \frac{\mathrm{d} w}{\mathrm{d} s} = -(C + \sigma^2 I)^{-1/2}
+    \big(D(x, \sigma) - D_G(x, \sigma)\big), \qquad x = m + (C + \sigma^2 I)^{1/2} w,
 
-.. math:: \log q(x) \approx \log p_{\sigma_{\min}}(x_{\sigma_{\min}}) =
-    \log p_{\sigma_{\max}}(x_{\sigma_{\max}}) + \int_{\log\sigma_{\min}}^{\log\sigma_{\max}}
-    \big(d - \operatorname{tr} \partial_x D(x_s, e^s)\big)\,\mathrm{d}s,
+and, integrating the density along the flow from :math:`\sigma_0` to :math:`\sigma_T` with
+:math:`p_{\sigma_T} \approx \mathcal{N}(m, C + \sigma_T^2 I)` at the end, since
+:math:`\int \operatorname{tr}(I - P_\sigma)\,\mathrm{d}s =
+\tfrac12 \sum_j \log \frac{\lambda_j + \sigma_T^2}{\lambda_j + \sigma_0^2}` exactly,
 
-with the classical Runge-Kutta method (or Heun's) on a uniform grid in :math:`s` and the
-terminal density :math:`p_{\sigma_{\max}} \approx \mathcal{N}(m, \Sigma + \sigma_{\max}^2 I)`
-(a Gaussian fitted to the data; exact for a Gaussian prior, and
-:math:`\mathcal{N}(0, \sigma_{\max}^2 I)` when none is given). The trace is exact (one
-vector-Jacobian product per dimension) up to ``exact_max_dim`` dimensions, and estimated above
-by Hutchinson's estimator
-:math:`\operatorname{tr} J \approx \frac1P \sum_p \varepsilon_p^\top J \varepsilon_p` with
-Rademacher probes :math:`\varepsilon_p` drawn once per trajectory (Grathwohl et al., 2019,
-FFJORD).
+.. math:: \log p_{\sigma_0}(x) = \log \mathcal{N}(x; m, C + \sigma_0^2 I)
+    + \tfrac12 \big(\lVert w_0 \rVert^2 - \lVert w_T \rVert^2\big)
+    - \int_{\log \sigma_0}^{\log \sigma_T} \operatorname{tr}\big(\partial_x D(x_s, e^s)
+    - P_{e^s}\big)\, \mathrm{d}s.
+
+Both corrections vanish when the prior is the Gaussian, for any step size: the ODE solver
+only integrates the prior's departure from the Gaussian, which is why few steps suffice. It
+is Heun's method with uniform steps in a time :math:`\tau(\sigma)` that follows the Gaussian's
+mean shrinkage :math:`\frac1D \sum_j \sigma^2 / (\lambda_j + \sigma^2)`
+(:meth:`GaussianFlow.time_grid`), so that the steps fall where :math:`\sigma^2` crosses the
+eigenvalues, where the flow transports mass. :math:`\log q(x)` is approximated by
+:math:`\log p_{\sigma_{\min}}(x)`, the density the denoiser defines.
+
+*Trace.* :math:`\operatorname{tr}(\partial_x D - P_\sigma)` is exact (one vector-Jacobian
+product per dimension) when :math:`D` is at most the number of probes; otherwise it is
+Hutchinson's estimate with Rademacher probes :math:`\varepsilon` drawn afresh at every
+evaluation (Hutchinson, 1990; Grathwohl et al., 2019, FFJORD), with
+:math:`\varepsilon^\top P_\sigma \varepsilon` as control variate:
+:math:`\varepsilon^\top (\partial_x D - P_\sigma) \varepsilon` is unbiased, and its variance,
+:math:`2 \sum_{i \neq j} (\partial_x D - P_\sigma)_{ij}^2`, vanishes as the prior approaches the
+Gaussian. The spread of the probes estimates the variance :math:`v` of the resulting noise in
+:math:`\log \hat q(x)`.
 
 **Log-evidence by importance sampling.** For :math:`y = A x + e`,
-:math:`e \sim \mathcal{N}(0, \Sigma_y)`,
+:math:`e \sim \mathcal{N}(0, \Sigma_y)`, with :math:`K` proposals
+:math:`x_k \sim r(x \mid y)` and weights
+:math:`\log w_k = \log \hat q(x_k) - v_k / 2 + \log p(y \mid x_k) - \log r(x_k \mid y)`
+(the :math:`- v_k / 2` makes :math:`E[w_k]` unbiased under Gaussian trace noise),
 
-.. math:: \log q(y) = \log \int p(y \mid x)\, q(x)\, \mathrm{d}x \approx
-    \operatorname{logsumexp}_{k=1}^{K}\big[\log q(x_k) + \log p(y \mid x_k)
-    - \log r(x_k \mid y)\big] - \log K, \qquad x_k \sim r(x \mid y),
+.. math:: \log q(y) \approx \log \frac1K \sum_{k=1}^K w_k + \frac{\mathrm{se}^2}{2},
+    \qquad \mathrm{se}^2 = \frac{\hat V[w]}{K \bar w^2},
 
-with the proposal :math:`r(x \mid y) = \mathcal{N}(\mu_{y}, c\, \Sigma_{y}^{\text{post}})`: the
-exact posterior of a Gaussian prior (the EM initialisation) with its covariance inflated by
-:math:`c > 1`, so that the proposal's tails are heavier than the target's. For a nonlinear
-operator :math:`y = f(x) + e` the proposal is the Gaussian prior's linearised (Laplace)
-posterior (:mod:`diffem.priors.linearize`) and :math:`p(y \mid x_k)` the exact likelihood with
-:math:`f(x_k)`, so the estimate stays consistent; only its variance depends on how well the
-linearisation fits. By default
-:math:`c = 1 + \sqrt{2 \ln 2 / D}`: inflating all :math:`D` directions costs a factor
-:math:`(c^2 / (2c - 1))^{D/2}` in the weights' second moment, about 2 with this choice.
-The estimator is consistent: it converges to :math:`\log q(y)` as :math:`K \to \infty` (the
-importance weights have finite variance when the proposal is heavier-tailed), with a negative
-bias of order
-:math:`\operatorname{Var}[w] / (2 K\, E[w]^2)`; with exact traces it is also consistent in the
-number of ODE steps. With Hutchinson traces the log-density estimates are unbiased but noisy,
-which adds a bias that does not vanish with :math:`K` (it shrinks with the number of probes).
+where :math:`\mathrm{se}` is the delta-method standard error of the log of the mean weight and
+:math:`\mathrm{se}^2 / 2` its first-order bias :math:`\operatorname{Var}[w] / (2 K E[w]^2)`, so
+that the remaining bias is :math:`O(1/K^2)`. The proposal
+:math:`r(x \mid y) = \mathcal{N}(\mu_y, c\, \Sigma_y^{\text{post}})` is the exact posterior of the
+same Gaussian (for a fitted estimator, the one moment-matched to the samples the prior was
+trained on) with its covariance inflated by :math:`c \geq 1`, so that the proposal's tails are
+heavier than the target's. By default :math:`c = 1 + \sqrt{2 \ln 2 / D}`: inflating all
+:math:`D` directions costs a factor :math:`(c^2 / (2c - 1))^{D/2}` in the weights' second
+moment, about 2 with this choice. Under the Gaussian itself, with :math:`c = 1` every weight
+equals its evidence. For a nonlinear operator :math:`y = f(x) + e` the proposal is the
+Gaussian's linearised (Laplace) posterior (:mod:`diffem.priors.linearize`) and
+:math:`p(y \mid x_k)` the exact likelihood with :math:`f(x_k)`, so the estimate stays
+consistent; only its variance depends on how well the linearisation fits.
+
+The estimator is consistent: it converges to :math:`\log q(y)` as :math:`K` and the ODE steps
+grow (the weights have finite variance when the proposal is heavier-tailed). The standard error
+measures the spread of repeated estimates, not the ODE's discretisation error; like every
+importance-sampling error estimate, it is itself an underestimate when the weights are
+heavy-tailed (a small effective sample size: a poor proposal).
 
 Only observed measurements count in :math:`\log p(y \mid x)` (pinned entries of a mask carry no
 information). Noiseless observations make :math:`p(y \mid x)` degenerate; their noise standard
@@ -59,162 +83,253 @@ that (small) noise.
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from sklearn.covariance import ledoit_wolf
 from torch import Tensor
 
 from diffem.operators import Operator
+from diffem.priors import GaussianPrior
+from diffem.priors._common import _cholesky
 
-__all__ = ["importance_log_evidence", "ode_log_density"]
+__all__ = [
+    "GaussianFlow",
+    "importance_log_evidence",
+    "moment_matched_gaussian",
+    "ode_log_density",
+]
 
 LOG_2PI = math.log(2 * math.pi)
+_COVARIANCE_ENTRIES = 2**25  # 256 MB of float64
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
-class GaussianDensity:
-    r"""Log-density of :math:`\mathcal{N}(m, \Sigma + s^2 I)` for any :math:`s`, from the
-    eigendecomposition of :math:`\Sigma` (float64)."""
+class GaussianFlow:
+    r"""The probability-flow of :math:`\mathcal{N}(m, C)`, :math:`C = V \operatorname{diag}
+    (\lambda) V^\top`, in float64: whitening :math:`w = (C + \sigma^2 I)^{-1/2} (x - m)` in
+    the eigenbasis, the diffused log-density, and the pieces of its denoiser the ODE needs."""
 
-    def __init__(
-        self, mean: Tensor | None, cov: Tensor | None, n_features: int, device: torch.device
-    ) -> None:
-        if mean is None:
-            mean = torch.zeros(n_features, dtype=torch.float64, device=device)
+    def __init__(self, mean: Tensor, cov: Tensor, device: torch.device | str = "cpu") -> None:
         self.mean = mean.to(dtype=torch.float64, device=device)
-        if cov is None:
-            self.eigvals = torch.zeros(n_features, dtype=torch.float64, device=device)
-            self.eigvecs = None
-        else:
-            cov = cov.to(dtype=torch.float64, device=device)
-            vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.mT))
-            self.eigvals, self.eigvecs = vals.clamp_min(0.0), vecs
+        cov = cov.to(dtype=torch.float64, device=device)
+        vals, vecs = torch.linalg.eigh(0.5 * (cov + cov.mT))
+        self.eigvals, self.eigvecs = vals.clamp_min(0.0), vecs
+
+    @classmethod
+    def from_prior(cls, prior: Any, device: torch.device | str = "cpu") -> GaussianFlow:
+        """From a :class:`~diffem.priors.GaussianPrior` (full or low-rank)."""
+        return cls(prior.mean, prior.cov_matrix, device)
+
+    def scale(self, sigma: float) -> Tensor:
+        r""":math:`\sqrt{\lambda + \sigma^2}`, ``(D,)``."""
+        return (self.eigvals + sigma**2).sqrt()
+
+    def whiten(self, x: Tensor, sigma: float) -> Tensor:
+        """``(B, D)`` points to whitened eigen-coordinates ``(B, D)``."""
+        return (x.to(torch.float64) - self.mean) @ self.eigvecs / self.scale(sigma)
+
+    def unwhiten(self, w: Tensor, sigma: float) -> Tensor:
+        return self.mean + (w * self.scale(sigma)) @ self.eigvecs.mT
 
     def log_prob(self, x: Tensor, sigma: float) -> Tensor:
-        """``(B, D) -> (B,)``."""
-        v = x.to(torch.float64) - self.mean
-        if self.eigvecs is not None:
-            v = v @ self.eigvecs
+        r""":math:`\log \mathcal{N}(x; m, C + \sigma^2 I)`, ``(B, D) -> (B,)``."""
+        w = self.whiten(x, sigma)
         var = self.eigvals + sigma**2
-        return -0.5 * ((v**2 / var).sum(-1) + torch.log(var).sum() + x.shape[-1] * LOG_2PI)
+        return -0.5 * ((w**2).sum(-1) + torch.log(var).sum() + x.shape[-1] * LOG_2PI)
+
+    def time_grid(
+        self, sigma_min: float, sigma_max: float, steps: int, uniform_share: float = 1 / 3
+    ) -> tuple[list[float], list[float]]:
+        r"""``steps + 1`` values of :math:`s = \log \sigma` from ``sigma_min`` to ``sigma_max``,
+        uniform in the time
+
+        .. math:: \tau(s) \propto (1 - a) \frac1D \sum_j \frac{\sigma^2}{\lambda_j + \sigma^2}
+            + a \frac{s}{\log(\sigma_{\max} / \sigma_{\min})}, \qquad \tau \in [0, 1],
+
+        and :math:`\mathrm{d}s / \mathrm{d}\tau` there. The first term is the mean
+        shrinkage of the flow, which moves from 0 to 1 where :math:`\sigma^2` crosses the
+        eigenvalues: there the flow transports mass and a prior's departure from the Gaussian
+        shows (it fades as :math:`\sigma^2` below and :math:`\sigma^{-2}` above); the
+        share ``a`` uniform in :math:`\log \sigma` keeps steps everywhere."""
+        lo, hi = math.log(sigma_min), math.log(sigma_max)
+        span = hi - lo
+
+        def tau(s: Tensor) -> Tensor:
+            s2 = torch.exp(2 * s)[:, None]
+            shrink = (s2 / (self.eigvals + s2)).mean(-1)
+            return (1 - uniform_share) * shrink + uniform_share * (s - lo) / span
+
+        def dtau_ds(s: Tensor) -> Tensor:
+            s2 = torch.exp(2 * s)[:, None]
+            rate = (2 * s2 * self.eigvals / (self.eigvals + s2) ** 2).mean(-1)
+            return (1 - uniform_share) * rate + uniform_share / span
+
+        fine = torch.linspace(lo, hi, 64 * steps + 1, dtype=torch.float64, device=self.mean.device)
+        values = tau(fine)
+        length = values[-1] - values[0]
+        targets = values[0] + length * torch.linspace(
+            0, 1, steps + 1, dtype=torch.float64, device=fine.device
+        )
+        right = torch.searchsorted(values, targets).clamp(1, len(fine) - 1)
+        frac = (targets - values[right - 1]) / (values[right] - values[right - 1])
+        grid = fine[right - 1] + frac * (fine[right] - fine[right - 1])
+        grid[0], grid[-1] = lo, hi
+        return grid.tolist(), (length / dtau_ds(grid)).tolist()
+
+    def shrinkage(self, sigma: float) -> Tensor:
+        r"""The eigenvalues :math:`\lambda / (\lambda + \sigma^2)` of :math:`P_\sigma`, ``(D,)``."""
+        return self.eigvals / (self.eigvals + sigma**2)
 
 
-def _divergence(
-    denoiser: Denoiser, x: Tensor, sigma: Tensor, probes: Tensor | None
+def _jacobian_products(
+    denoiser: Denoiser, x: Tensor, sigma: Tensor, vectors: Tensor
 ) -> tuple[Tensor, Tensor]:
-    r"""``D(x, sigma)`` ``(B, D)`` and :math:`\operatorname{tr} \partial_x D` ``(B,)`` in float64:
-    exact when ``probes`` is None (``D`` vector-Jacobian products, batched with ``vmap`` when the
-    denoiser supports it), otherwise Hutchinson's estimate with the probes ``(P, B, D)``."""
-    b, d = x.shape
+    """``D(x, sigma)`` ``(B, D)`` and the vector-Jacobian products ``vectors @ dD/dx``
+    ``(P, B, D)`` for ``vectors`` ``(P, B, D)``, batched with ``vmap`` when the denoiser
+    supports it."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         out = denoiser(x, sigma)
-        if probes is None:
-            vectors = torch.eye(d, dtype=out.dtype, device=out.device)[:, None, :].expand(d, b, d)
-        else:
-            vectors = probes
         try:
             (grads,) = torch.autograd.grad(out, x, grad_outputs=vectors, is_grads_batched=True)
         except RuntimeError:  # a denoiser that vmap cannot batch: one product at a time
             grads = torch.stack(
                 [torch.autograd.grad(out, x, grad_outputs=v, retain_graph=True)[0] for v in vectors]
             )
-    if probes is None:
-        trace = grads.diagonal(dim1=0, dim2=2).sum(-1)
+    return out.detach(), grads.detach()
+
+
+class _Field(NamedTuple):
+    velocity: Tensor  # dw/ds, (B, D), float64
+    trace: Tensor  # tr(dD/dx - P_sigma) (or its estimate), (B,), float64
+    trace_var: Tensor  # variance of the trace estimate (0 when exact), (B,) or ()
+
+
+def _field(
+    denoiser: Denoiser,
+    flow: GaussianFlow,
+    w: Tensor,
+    log_sigma: float,
+    dtype: torch.dtype,
+    n_probes: int | None,
+    generator: torch.Generator | None,
+) -> _Field:
+    """The whitened ODE's velocity and the trace correction at ``(w, e^s)``."""
+    sigma = math.exp(log_sigma)
+    b, d = w.shape
+    x = flow.unwhiten(w, sigma).to(dtype)
+    sigma_b = torch.full((b,), sigma, dtype=dtype, device=x.device)
+    if n_probes is None:
+        eye = torch.eye(d, dtype=dtype, device=x.device)
+        out, grads = _jacobian_products(denoiser, x, sigma_b, eye[:, None, :].expand(d, b, d))
+        trace = grads.diagonal(dim1=0, dim2=2).sum(-1).to(torch.float64)
+        trace = trace - flow.shrinkage(sigma).sum()
+        trace_var = torch.zeros((), dtype=torch.float64, device=x.device)
     else:
-        trace = (grads * probes).sum(-1).mean(0)
-    return out.detach(), trace.detach().to(torch.float64)
+        gen_device = generator.device if generator is not None else x.device
+        bits = torch.randint(0, 2, (n_probes, b, d), generator=generator, device=gen_device)
+        probes = (2.0 * bits - 1.0).to(dtype=dtype, device=x.device)
+        out, grads = _jacobian_products(denoiser, x, sigma_b, probes)
+        quad = (grads * probes).sum(-1).to(torch.float64)  # (P, B): e^T J e
+        control = ((probes.to(torch.float64) @ flow.eigvecs) ** 2 * flow.shrinkage(sigma)).sum(-1)
+        trace = (quad - control).mean(0)
+        trace_var = (
+            (quad - control).var(0) / n_probes
+            if n_probes > 1
+            else torch.zeros((), dtype=torch.float64, device=x.device)
+        )
+    scale = flow.scale(sigma)
+    # residual D - D_G in eigen-coordinates; D_G - m = V diag(lambda / scale) w there
+    residual = (out.to(torch.float64) - flow.mean) @ flow.eigvecs - flow.eigvals / scale * w
+    return _Field(-residual / scale, trace, trace_var)
 
 
-def log_sigma_grid(sigma_min: float, sigma_max: float, steps: int) -> list[float]:
-    r"""``steps + 1`` noise levels, uniform in :math:`\log \sigma`, increasing."""
-    grid = torch.linspace(math.log(sigma_min), math.log(sigma_max), steps + 1, dtype=torch.float64)
-    return grid.tolist()
+class LogDensity(NamedTuple):
+    """Result of :func:`ode_log_density`, float64 ``(B,)``."""
+
+    value: Tensor  # the log-density estimate
+    variance: Tensor  # its variance from the trace estimator (0 with exact traces)
 
 
 def ode_log_density(
     denoiser: Denoiser,
     x: Tensor,
+    flow: GaussianFlow,
     *,
     sigma_min: float,
     sigma_max: float,
-    steps: int = 16,
-    method: str = "rk4",
-    terminal_mean: Tensor | None = None,
-    terminal_cov: Tensor | None = None,
-    exact_max_dim: int = 32,
-    n_probes: int = 4,
+    steps: int = 8,
+    n_probes: int = 2,
+    uniform_share: float = 1 / 3,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    r"""Log-density :math:`\log q(x)` of a diffusion prior by the probability-flow ODE.
+) -> LogDensity:
+    r"""Log-density :math:`\log q(x)` of a diffusion prior by the probability-flow ODE,
+    solved relative to the Gaussian ``flow`` (see the module docstring).
 
-    See the module docstring for the equation. The ODE in :math:`s = \log \sigma` is solved
-    on a uniform grid of ``steps`` steps, by the classical Runge-Kutta method (``"rk4"``, four
-    denoiser evaluations per step, error :math:`O(h^4)`) or Heun's method (``"heun"``, two
-    evaluations per step, error :math:`O(h^2)`); the divergence integral uses the same
-    quadrature weights. Each evaluation costs ``D`` (exact trace, ``D <= exact_max_dim``) or
-    ``n_probes`` vector-Jacobian products.
-
-    On a Gaussian prior in ``D = 8`` (eigenvalues 0.1 to 3, :math:`\sigma` from 1e-3 to 100),
-    ``rk4`` with 16 steps is within 0.04 nats of the exact log-density on average (0.12 at
-    worst), Heun with 32 steps (the same cost) within 0.2 on average.
+    Heun's method with ``steps`` uniform steps in the time of :meth:`GaussianFlow.time_grid`
+    from ``sigma_min`` to ``sigma_max``: two denoiser evaluations per step, each with
+    ``min(D, n_probes)`` vector-Jacobian products. Exact, for any ``steps``, when ``denoiser``
+    is the Gaussian of ``flow``.
 
     Parameters
     ----------
     denoiser : callable ``(x_t (B, D), sigma (B,)) -> E[x | x_t] (B, D)``, differentiable
     x : tensor ``(B, D)``, on the denoiser's device and dtype
+    flow : GaussianFlow
+        The reference Gaussian, also the terminal density :math:`p_{\sigma_{\max}}`.
     sigma_min, sigma_max : float
-        The ends of the noise schedule.
+        The ends of the integration.
     steps : int
-        Steps on the uniform grid in :math:`\log \sigma`.
-    method : {"rk4", "heun"}
-    terminal_mean, terminal_cov : tensors ``(D,)`` and ``(D, D)`` or None
-        :math:`p_{\sigma_{\max}} \approx \mathcal{N}(m, \Sigma + \sigma_{\max}^2 I)`.
-    exact_max_dim, n_probes : int
-        Exact trace up to this dimension; Hutchinson with ``n_probes`` Rademacher probes above.
+    n_probes : int
+        Rademacher probes of Hutchinson's trace estimator (with the Gaussian control
+        variate); the trace is exact when ``D <= n_probes`` (it costs no more).
+    uniform_share : float
+        Share of the time uniform in :math:`\log \sigma` (:meth:`GaussianFlow.time_grid`;
+        ``1`` gives steps uniform in :math:`\log \sigma`).
     generator : torch.Generator or None
         Draws the probes.
 
     Returns
     -------
-    tensor ``(B,)``, float64.
+    LogDensity
+        ``value``, unbiased given the trajectory, and ``variance``, the variance of its
+        Hutchinson noise estimated from the probes' spread (``n_probes >= 2``; zero with exact
+        traces or one probe), both ``(B,)`` float64.
     """
-    if method not in ("rk4", "heun"):
-        raise ValueError(f"method must be 'rk4' or 'heun', got {method!r}.")
-    b, d = x.shape
-    probes = None
-    if d > exact_max_dim:
-        gen_device = generator.device if generator is not None else x.device
-        bits = torch.randint(0, 2, (n_probes, b, d), generator=generator, device=gen_device)
-        probes = (2.0 * bits - 1.0).to(dtype=x.dtype, device=x.device)
+    d = x.shape[1]
+    probes = None if d <= n_probes else int(n_probes)
+    w = flow.whiten(x, sigma_min)
+    w0 = w
+    integral = torch.zeros(x.shape[0], dtype=torch.float64, device=w.device)
+    variance = torch.zeros_like(integral)
+    # Heun's method in tau, uniform steps; d/dtau = (ds/dtau) d/ds
+    grid, ds_dtau = flow.time_grid(sigma_min, sigma_max, steps, uniform_share)
+    h = 1.0 / steps
+    for i in range(steps):
+        k1 = _field(denoiser, flow, w, grid[i], x.dtype, probes, generator)
+        v1, g1 = ds_dtau[i] * k1.velocity, ds_dtau[i] * k1.trace
+        k2 = _field(denoiser, flow, w + h * v1, grid[i + 1], x.dtype, probes, generator)
+        v2, g2 = ds_dtau[i + 1] * k2.velocity, ds_dtau[i + 1] * k2.trace
+        w = w + 0.5 * h * (v1 + v2)
+        integral += 0.5 * h * (g1 + g2)
+        variance += (0.5 * h) ** 2 * (
+            ds_dtau[i] ** 2 * k1.trace_var + ds_dtau[i + 1] ** 2 * k2.trace_var
+        )
+    correction = 0.5 * ((w0**2).sum(-1) - (w**2).sum(-1)) - integral
+    return LogDensity(flow.log_prob(x, sigma_min) + correction, variance)
 
-    def field(x: Tensor, s: float) -> tuple[Tensor, Tensor]:
-        sigma = torch.full((b,), math.exp(s), dtype=x.dtype, device=x.device)
-        out, trace = _divergence(denoiser, x, sigma, probes)
-        return x - out, d - trace
 
-    grid = log_sigma_grid(sigma_min, sigma_max, steps)
-    integral = torch.zeros(b, dtype=torch.float64, device=x.device)
-    x = x.detach()
-    for s0, s1 in itertools.pairwise(grid):
-        h = s1 - s0
-        k1, g1 = field(x, s0)
-        if method == "heun":
-            k2, g2 = field(x + h * k1, s1)
-            x = x + 0.5 * h * (k1 + k2)
-            integral += 0.5 * h * (g1 + g2)
-        else:
-            k2, g2 = field(x + 0.5 * h * k1, s0 + 0.5 * h)
-            k3, g3 = field(x + 0.5 * h * k2, s0 + 0.5 * h)
-            k4, g4 = field(x + h * k3, s1)
-            x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-            integral += h / 6 * (g1 + 2 * g2 + 2 * g3 + g4)
-    terminal = GaussianDensity(terminal_mean, terminal_cov, d, x.device)
-    return terminal.log_prob(x, sigma_max) + integral
+def moment_matched_gaussian(X: Tensor) -> GaussianPrior:
+    r"""The Gaussian with the mean and Ledoit-Wolf covariance of samples ``X`` ``(n, D)``
+    (shrunk towards a multiple of the identity, so well conditioned for any ``n``; Ledoit &
+    Wolf, 2004), float64 on the CPU."""
+    X64 = X.detach().to("cpu", torch.float64)
+    cov, _ = ledoit_wolf(X64.numpy())
+    return GaussianPrior(X64.mean(0), torch.as_tensor(cov))
 
 
 def _floor_noise(operator: Operator, min_noise_std: float) -> Operator:
@@ -226,38 +341,97 @@ def _floor_noise(operator: Operator, min_noise_std: float) -> Operator:
     return new
 
 
-def _log_likelihood(y: Tensor, Ax: Tensor, var: Tensor, observed: Tensor) -> Tensor:
-    r""":math:`\log \mathcal{N}(y; A x, \Sigma_y)` over observed entries; ``(B, M) -> (B,)``."""
-    terms = -0.5 * ((y - Ax) ** 2 / var + torch.log(var) + LOG_2PI)
-    return torch.where(observed, terms, torch.zeros_like(terms)).sum(-1)
+def _proposals(
+    prior: GaussianPrior,
+    y: Tensor,
+    op: Operator,
+    n_samples: int,
+    inflation: float,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor]:
+    r""":math:`x_k \sim r(x \mid y) = \mathcal{N}(\mu_y, c\, \Sigma_y^{\text{post}})`, ``(b, K, D)``
+    float64, and :math:`\log r(x_k \mid y)` ``(b, K)``, from ``prior``'s exact posteriors."""
+    means, _, covs = prior._posterior_torch(y, op, need_cov=True)
+    L = _cholesky(inflation * 0.5 * (covs + covs.mT))
+    b, d = means.shape
+    gen_device = generator.device if generator is not None else means.device
+    z = torch.randn((b, n_samples, d), generator=generator, dtype=torch.float64, device=gen_device)
+    z = z.to(means.device)
+    x = means[:, None, :] + (L[:, None] @ z.unsqueeze(-1)).squeeze(-1)
+    log_det = torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)
+    log_r = -0.5 * (z**2).sum(-1) - log_det[:, None] - 0.5 * d * LOG_2PI
+    return x, log_r
+
+
+def _log_likelihood(y: Tensor, op: Operator, x: Tensor) -> Tensor:
+    r""":math:`\log \mathcal{N}(y; A x_k, \Sigma_y)` over the observed entries, for ``y``
+    ``(b, M)`` and ``x`` ``(b, K, D)``; returns ``(b, K)`` (float64)."""
+    b, k, d = x.shape
+    rows = torch.arange(b).repeat_interleave(k)
+    op_k = op.to(dtype=torch.float64)[rows]
+    Ax = op_k.apply(x.reshape(b * k, d))
+    var = op_k.noise_var.expand_as(Ax)
+    terms = -0.5 * ((op.prepare(y)[rows.to(y.device)] - Ax) ** 2 / var + torch.log(var) + LOG_2PI)
+    observed = op_k.observed.expand_as(Ax)
+    return torch.where(observed, terms, torch.zeros_like(terms)).sum(-1).reshape(b, k)
+
+
+class Evidence(NamedTuple):
+    """Per-observation results of :func:`importance_log_evidence`, float64 CPU ``(n,)``."""
+
+    log_evidence: Tensor
+    std: Tensor  # Monte Carlo standard error of log_evidence
+    ess: Tensor  # effective sample size of the weights, 1 to K
+
+
+def _combine(log_w: Tensor, debias: bool) -> Evidence:
+    r"""The estimate :math:`\log \frac1K \sum_k w_k`, its delta-method standard error
+    :math:`\sqrt{\hat V / K} / \bar w` (unbiased sample variance :math:`\hat V`) and the
+    effective sample size, from the log-weights ``(b, K)``; with ``debias``, plus
+    :math:`\mathrm{se}^2 / 2`, the first-order bias of the logarithm."""
+    k = log_w.shape[-1]
+    w = torch.softmax(log_w, dim=-1)  # w_k / sum w
+    ess = 1.0 / (w**2).sum(-1)
+    value = torch.logsumexp(log_w, dim=-1) - math.log(k)
+    if k < 2:
+        return Evidence(value.cpu(), torch.full_like(value, math.inf).cpu(), ess.cpu())
+    relative_var = ((k / ess - 1.0) * k / (k - 1)).clamp_min(0.0)  # V / mean(w)^2
+    std = (relative_var / k).sqrt()
+    if debias:
+        value = value + 0.5 * std**2
+    return Evidence(value.cpu(), std.cpu(), ess.cpu())
 
 
 def importance_log_evidence(
     denoiser: Denoiser,
     Y: Tensor,
     operator: Operator,
-    proposal: Any,
+    proposal: GaussianPrior,
     *,
     sigma_min: float,
     sigma_max: float,
-    n_samples: int = 32,
-    steps: int = 16,
-    method: str = "rk4",
+    n_samples: int = 16,
+    steps: int = 8,
+    n_probes: int = 2,
     inflation: float | None = None,
+    debias: bool = True,
     min_noise_std: float = 1e-3,
-    exact_max_dim: int = 32,
-    n_probes: int = 4,
     batch_size: int = 4096,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> Evidence:
     r"""Importance-sampling estimate of :math:`\log q(y_i)` for a diffusion prior.
 
     See the module docstring for the estimator,
 
     .. math:: \log q(y) \approx \operatorname{logsumexp}_k \big[\log q(x_k) + \log p(y \mid x_k)
-        - \log r(x_k \mid y)\big] - \log K.
+        - \log r(x_k \mid y)\big] - \log K + \tfrac12 \mathrm{se}^2.
+
+    Cost per observation: ``2 * steps * n_samples`` denoiser evaluations, each with
+    ``min(D, n_probes)`` vector-Jacobian products, and the proposal's dense ``(D, D)``
+    posterior covariance and its Cholesky factor (:math:`O(D^3)`, which dominates beyond a
+    thousand dimensions).
 
     Parameters
     ----------
@@ -265,106 +439,71 @@ def importance_log_evidence(
     Y : tensor ``(n, M)``
     operator : Operator of batch ``n``
     proposal : :class:`~diffem.priors.GaussianPrior`
-        Its exact posterior, inflated, is the proposal; its mean and covariance also give the
-        ODE's terminal density.
+        Its exact posteriors, inflated, are the proposals; its flow is the ODE's reference.
     sigma_min, sigma_max : float
         The denoiser's noise schedule.
     n_samples : int
-        ``K``, proposals per observation (the cost parameter).
+        ``K``, proposals per observation.
     steps : int
-        Steps of the probability-flow ODE.
-    method : {"rk4", "heun"}
-        Its solver (see :func:`ode_log_density`).
+        Heun steps of the probability-flow ODE.
+    n_probes : int
+        Rademacher probes of the trace estimator (the trace is exact when ``D <= n_probes``).
     inflation : float or None
-        ``c > 1``, the proposal covariance inflation. ``None``: :math:`c = 1 + \sqrt{2 \ln 2 / D}`,
-        for which, when the target posterior is the Gaussian proposal's, the importance weights'
-        second moment :math:`(c^2 / (2c - 1))^{D/2} \approx 2` (an effective sample size of
-        about ``K / 2``) in any dimension ``D``.
+        ``c >= 1``, the proposal covariance inflation. ``None``:
+        :math:`c = 1 + \sqrt{2 \ln 2 / D}`, for which, when the target posterior is the
+        Gaussian proposal's, the importance weights' second moment
+        :math:`(c^2 / (2c - 1))^{D/2} \approx 2` (an effective sample size of about
+        ``K / 2``) in any dimension ``D``.
+    debias : bool
+        Add :math:`\mathrm{se}^2 / 2`, the first-order bias of the log of the mean weight.
     min_noise_std : float
         Floor of the observation noise std (see the module docstring).
-    exact_max_dim, n_probes : int
-        Trace estimation (see :func:`ode_log_density`).
     batch_size : int
         Proposals per ODE batch (bounds memory).
     dtype, device
         Of the denoiser's inputs.
     generator : torch.Generator or None
+        Draws the proposals and the probes.
 
     Returns
     -------
-    log_evidence : tensor ``(n,)``, float64, on the CPU
-    ess : tensor ``(n,)``, the effective sample sizes
-        :math:`(\sum_k w_k)^2 / \sum_k w_k^2` of the importance weights (``1`` to ``K``).
+    Evidence
+        ``log_evidence``, its Monte Carlo standard error ``std`` and the effective sample
+        sizes ``ess`` :math:`(\sum_k w_k)^2 / \sum_k w_k^2` of the weights, each ``(n,)``.
     """
     device = torch.device(device)
-    n = Y.shape[0]
     op = _floor_noise(operator, min_noise_std)
     prior = proposal.to(device=device)
+    flow = GaussianFlow.from_prior(prior, device)
     d = op.n_features
     if inflation is None:
         inflation = 1.0 + math.sqrt(2 * math.log(2) / d)
     if not inflation >= 1.0:
         raise ValueError(f"inflation must be at least 1, got {inflation!r}.")
-    terminal_mean = prior.mean.to(torch.float64)
-    terminal_cov = prior.cov_matrix.to(torch.float64)
-    per_chunk = max(1, batch_size // n_samples)
-    out, ess = [], []
-    for start in range(0, n, per_chunk):
-        idx = torch.arange(start, min(n, start + per_chunk))
-        op_c = op[idx].to(device=device)
-        y_c = Y[idx].to(device=device, dtype=torch.float64)
-        b = idx.numel()
-        means, _, covs = prior._posterior_torch(y_c, op_c, need_cov=True)
-        covs = inflation * 0.5 * (covs + covs.mT)
-        scale = covs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)
-        eye = torch.eye(d, dtype=torch.float64, device=device)
-        jitter = 1e-10
-        while True:
-            L, info = torch.linalg.cholesky_ex(covs + jitter * scale[:, None, None] * eye)
-            if not bool((info != 0).any()):
-                break
-            jitter *= 10
-        gen_device = generator.device if generator is not None else device
-        z = torch.randn(
-            (b, n_samples, d), generator=generator, dtype=torch.float64, device=gen_device
-        ).to(device)
-        x = means[:, None, :] + (L[:, None] @ z.unsqueeze(-1)).squeeze(-1)  # (b, K, D)
-        log_r = (
-            -0.5 * (z**2).sum(-1)
-            - torch.log(L.diagonal(dim1=-2, dim2=-1)).sum(-1)[:, None]
-            - 0.5 * d * LOG_2PI
-        )
-        # Likelihood in float64 through the operator (pinned entries excluded).
-        rows = torch.arange(b, device=device).repeat_interleave(n_samples)
-        op64 = op_c.to(dtype=torch.float64)
-        op_k = op64[rows.cpu()]
-        flat = x.reshape(b * n_samples, d)
-        Ax = op_k.apply(flat)
-        y_k = op64.prepare(y_c)[rows]
-        var = op_k.noise_var.expand_as(Ax)
-        observed = op_k.observed.expand_as(Ax)
-        log_lik = _log_likelihood(y_k, Ax, var, observed).reshape(b, n_samples)
-        # Prior log-density by the probability-flow ODE, in batches of proposals.
-        log_q = torch.cat(
-            [
-                ode_log_density(
-                    denoiser,
-                    part.to(dtype),
-                    sigma_min=sigma_min,
-                    sigma_max=sigma_max,
-                    steps=steps,
-                    method=method,
-                    terminal_mean=terminal_mean,
-                    terminal_cov=terminal_cov,
-                    exact_max_dim=exact_max_dim,
-                    n_probes=n_probes,
-                    generator=generator,
-                )
-                for part in flat.split(batch_size)
-            ]
-        ).reshape(b, n_samples)
-        log_w = log_q + log_lik - log_r
-        out.append((torch.logsumexp(log_w, dim=-1) - math.log(n_samples)).cpu())
-        w = torch.softmax(log_w, dim=-1)
-        ess.append((1.0 / (w**2).sum(-1)).cpu())
-    return torch.cat(out), torch.cat(ess)
+    # observations per chunk: batch_size proposals, and (D, D) posterior covariances of at
+    # most _COVARIANCE_ENTRIES entries in all
+    per_chunk = max(1, min(batch_size // n_samples, _COVARIANCE_ENTRIES // (d * d)))
+    out: list[Evidence] = []
+    for start in range(0, Y.shape[0], per_chunk):
+        rows = torch.arange(start, min(Y.shape[0], start + per_chunk))
+        op_c = op[rows].to(device=device, dtype=torch.float64)
+        y_c = Y[rows].to(device=device, dtype=torch.float64)
+        x, log_r = _proposals(prior, y_c, op_c, n_samples, inflation, generator)
+        log_lik = _log_likelihood(y_c, op_c, x)
+        densities = [
+            ode_log_density(
+                denoiser,
+                part.to(dtype),
+                flow,
+                sigma_min=sigma_min,
+                sigma_max=sigma_max,
+                steps=steps,
+                n_probes=n_probes,
+                generator=generator,
+            )
+            for part in x.reshape(-1, d).split(batch_size)
+        ]
+        # exp(log q - Var / 2) is unbiased for q under Gaussian trace noise (log-normal)
+        log_q = torch.cat([density.value - 0.5 * density.variance for density in densities])
+        out.append(_combine(log_q.reshape(x.shape[:2]) + log_lik - log_r, debias))
+    return Evidence(*(torch.cat(parts) for parts in zip(*out, strict=True)))
