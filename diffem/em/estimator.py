@@ -823,17 +823,17 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             + \log p(y \mid x_k) - \log r(x_k \mid y)\big] - \log K,
 
         with ``K = n_score_samples`` proposals from the exact posterior of ``proposal_``
-        (linearised for a nonlinear operator; covariance slightly inflated) and :math:`\log q(x)` from the
-        probability-flow ODE solved relative to that Gaussian (``score_steps`` Heun steps;
-        Hutchinson's trace estimator with two Rademacher probes and the Gaussian as control
-        variate, exact for ``D <= 2``), plus the first-order bias correction
+        (linearised for a nonlinear operator; covariance slightly inflated) and :math:`\log
+        q(x)` from the probability-flow ODE solved relative to that Gaussian (``score_steps``
+        Heun steps; Hutchinson's trace estimator with two Rademacher probes and the Gaussian as
+        control variate, exact for ``D <= 2``), plus the first-order bias correction
         :math:`\mathrm{se}^2/2`. It is consistent as ``K`` and ``score_steps`` grow; noiseless
-        measurements are given a noise std of ``1e-3 * sigma_data_``. The standard error is
-        the delta-method estimate from the importance weights: the spread of repeated
-        estimates, not the ODE's discretisation error. Cost per observation:
-        ``2 * score_steps * K`` denoiser evaluations with two vector-Jacobian products each
-        (at the defaults, 256 evaluations: a small fraction of ``fit``'s E-steps and M-steps;
-        see ``benchmarks/results/score_speed.md``).
+        measurements are given a noise std of ``1e-3 * sigma_data_``. The standard error is the
+        delta-method estimate from the importance weights: the spread of repeated estimates, not
+        the ODE's discretisation error. Cost per observation: ``2 * score_steps * K`` denoiser
+        evaluations with two vector-Jacobian products each (at the defaults, 256 evaluations: a
+        small fraction of ``fit``'s E-steps and M-steps; see
+        ``benchmarks/results/score_speed.md``).
         """
         Y_t, op = self._check_predict(Y, operator)
         if not self._is_diffusion:
