@@ -408,14 +408,14 @@ def importance_log_evidence(
     operator: Operator,
     proposal: GaussianPrior,
     *,
-    sigma_min: float,
-    sigma_max: float,
     n_samples: int = 16,
-    steps: int = 8,
-    n_probes: int = 2,
     inflation: float | None = None,
     debias: bool = True,
     min_noise_std: float = 1e-3,
+    sigma_min: float,
+    sigma_max: float,
+    steps: int = 8,
+    n_probes: int = 2,
     batch_size: int = 4096,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
@@ -440,14 +440,8 @@ def importance_log_evidence(
     operator : Operator of batch ``n``
     proposal : :class:`~diffem.priors.GaussianPrior`
         Its exact posteriors, inflated, are the proposals; its flow is the ODE's reference.
-    sigma_min, sigma_max : float
-        The denoiser's noise schedule.
     n_samples : int
         ``K``, proposals per observation.
-    steps : int
-        Heun steps of the probability-flow ODE.
-    n_probes : int
-        Rademacher probes of the trace estimator (the trace is exact when ``D <= n_probes``).
     inflation : float or None
         ``c >= 1``, the proposal covariance inflation. ``None``:
         :math:`c = 1 + \sqrt{2 \ln 2 / D}`, for which, when the target posterior is the
@@ -458,6 +452,12 @@ def importance_log_evidence(
         Add :math:`\mathrm{se}^2 / 2`, the first-order bias of the log of the mean weight.
     min_noise_std : float
         Floor of the observation noise std (see the module docstring).
+    sigma_min, sigma_max : float
+        The denoiser's noise schedule.
+    steps : int
+        Heun steps of the probability-flow ODE.
+    n_probes : int
+        Rademacher probes of the trace estimator (the trace is exact when ``D <= n_probes``).
     batch_size : int
         Proposals per ODE batch (bounds memory).
     dtype, device
