@@ -202,6 +202,18 @@ def check_params(estimator: Any) -> None:
     _check_int(estimator.score_steps, "score_steps", 1)
     _check_int(estimator.batch_size, "batch_size", 1)
     _check_int(estimator.verbose, "verbose", 0)
+    _check_int(estimator.warmup_iter, "warmup_iter", 0)
+    _check_int(estimator.e_step_samples, "e_step_samples", 1)
+    _check_int(estimator.n_iter_no_change, "n_iter_no_change", 1, allow_none=True)
+    _check_int(estimator.init_components, "init_components", 1)
+    for name in ("reset_optimizer", "keep_best", "refine_init"):
+        if not isinstance(getattr(estimator, name), (bool, np.bool_)):
+            raise ValueError(f"{name} must be a bool, got {getattr(estimator, name)!r}.")
+    tol = estimator.tol
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < np.inf
+    ):
+        raise ValueError(f"tol must be None or a non-negative float, got {tol!r}.")
     noise_std = estimator.noise_std
     if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
         raise ValueError(

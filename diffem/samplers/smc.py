@@ -25,6 +25,7 @@ from diffem.samplers.solvers import ancestral_coefficients, dpmpp_2m_estimate
 __all__ = ["SMC", "systematic_resample"]
 
 _RESAMPLING = ("systematic", "multinomial")
+_LOG_2PI = math.log(2 * math.pi)
 
 
 def systematic_resample(
@@ -40,6 +41,13 @@ def systematic_resample(
     )
     grid = (torch.arange(n_draws, dtype=weights.dtype, device=weights.device) + offset) / n_draws
     return torch.searchsorted(cdf, grid).clamp_max(weights.shape[-1] - 1)
+
+
+def _log_mean_exp(log_weights: Tensor) -> Tensor:
+    """``log mean_k exp(log_weights)`` over the particles ``(B, K) -> (B,)``; ``-inf`` for a
+    row without a finite weight."""
+    finite = torch.where(torch.isfinite(log_weights), log_weights, -torch.inf)
+    return torch.logsumexp(finite, dim=-1) - math.log(log_weights.shape[-1])
 
 
 def _normalise(log_weights: Tensor) -> Tensor:
@@ -183,7 +191,7 @@ class SMC(MMPS):
         n, K = Y.shape[0], int(self.particles)
         group = max(1, int(self.batch_size) // K)
         stats: Stats = {"fallback": []}
-        draws, ess, ess_min, resamples = [], [], [], []
+        draws, ess, ess_min, resamples, log_z = [], [], [], [], []
         for begin in range(0, n, group):
             rows = slice(begin, min(begin + group, n))
             op = operator if len(operator) == 1 else operator[rows]
@@ -196,15 +204,18 @@ class SMC(MMPS):
             ess.append(1.0 / (weights**2).sum(-1))
             ess_min.append(out["ess_min"])
             resamples.append(out["resamples"])
+            log_z.append(out["log_evidence"])
         x = torch.cat(draws)
         self.ess_ = torch.cat(ess).cpu().numpy()
         self.ess_min_ = torch.cat(ess_min).cpu().numpy()
         self.resamples_ = torch.cat(resamples).cpu().numpy()
+        self.log_evidence_ = torch.cat(log_z).cpu().numpy()
         self.diagnostics_ = summarise(stats, time.perf_counter() - start)
         self.diagnostics_.update(
             ess=float(self.ess_.mean()),
             ess_min=float(self.ess_min_.mean()),
             resamples=float(self.resamples_.mean()),
+            log_evidence=float(self.log_evidence_.mean()),
             evaluations=float(self.evaluations_),
         )
         return (x[:, 0] if n_samples is None else x).detach()
@@ -249,7 +260,9 @@ class SMC(MMPS):
 
         x = levels[0] * randn((b * K, D))
         current = evaluate(x, levels[0])
-        log_w = torch.zeros(b, K, dtype=y.dtype, device=y.device)
+        # initial weights: the twisting function at sigma_max (particles are prior draws)
+        log_w = current.log_likelihood.view(b, K).clone()
+        log_z = torch.zeros(b, dtype=y.dtype, device=y.device)
         ess_min = torch.full((b,), float(K), dtype=y.dtype, device=y.device)
         resamples = torch.zeros(b, dtype=torch.long, device=y.device)
         # DPM-Solver++(2M) history: the model's and the proposal's previous estimates, and h.
@@ -286,6 +299,7 @@ class SMC(MMPS):
                 current = Guided(*(None if t is None else t[flat] for t in current))
                 if history is not None:
                     history = (history[0][flat], history[1][flat], history[2])
+                log_z = log_z + torch.where(resample, _log_mean_exp(log_w), 0.0)
                 log_w = torch.where(resample[:, None], 0.0, log_w)
                 resamples = resamples + resample.long()
         # Last step: the model's x_0 = x_hat at sigma_min, weighted by the exact likelihood.
@@ -293,11 +307,15 @@ class SMC(MMPS):
         var = torch.as_tensor(op_rep.noise_var, dtype=y.dtype, device=y.device)
         var = var.clamp_min(float(self.sigma_min) ** 2)
         residual = y_rep - op_rep.apply(x0)
-        exact = -0.5 * (residual**2 / var).sum(-1)
+        terms = -0.5 * (residual**2 / var + torch.log(var).expand_as(residual) + _LOG_2PI)
+        observed = torch.as_tensor(op_rep.observed, device=y.device).expand_as(residual)
+        exact = torch.where(observed, terms, 0.0).sum(-1)
         log_w = log_w + (exact - current.log_likelihood).view(b, K)
+        log_z = log_z + _log_mean_exp(log_w)
         return {
             "particles": x0.view(b, K, D),
             "weights": _normalise(log_w),
             "ess_min": ess_min,
             "resamples": resamples,
+            "log_evidence": log_z,
         }
