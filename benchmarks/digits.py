@@ -38,7 +38,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from _common import machine_header, resolve_device
 
-from diffem.demo import fit_tracked, format_table, record_summary
+from diffem._report import fit_tracked, format_table, record_summary
 
 IMAGE_SHAPE = (1, 8, 8)
 

@@ -401,10 +401,9 @@ def diagnostics_table(results: list[SettingResult], names: list[str]) -> str:
 
 
 def plot(figure: dict[str, np.ndarray], names: list[str], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from diffem.plotting import save_figure
 
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
@@ -430,8 +429,7 @@ def plot(figure: dict[str, np.ndarray], names: list[str], title: str, path: Path
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -59,54 +59,15 @@ from _common import (
 )
 
 from diffem.operators import Dense, Mask
-from diffem.schedule import EDMPreconditioning
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 
 
 # ---------------------------------------------------------------------------------- networks
-class _Block(nn.Module):
-    def __init__(self, width: int, embedding: int) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(width)
-        self.film = nn.Linear(embedding, 2 * width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
-        scale, shift = self.film(emb).chunk(2, dim=-1)
-        return h + self.mlp(self.norm(h) * (1 + scale) + shift)
-
-
-class PlainMLPDenoiser(nn.Module):
-    r"""EDM-preconditioned residual MLP :math:`D(x_t, \sigma)`; a stand-in of the same size as
-    diffem's MLP denoiser, used when :class:`diffem.denoisers.MLPDenoiser` is unavailable."""
-
-    def __init__(self, features: int, width: int = 256, blocks: int = 3, embedding: int = 64):
-        super().__init__()
-        self.precond = EDMPreconditioning()
-        self.embed = nn.Sequential(
-            nn.Linear(1, embedding), nn.SiLU(), nn.Linear(embedding, embedding)
-        )
-        self.inp = nn.Linear(features, width)
-        self.blocks = nn.ModuleList(_Block(width, embedding) for _ in range(blocks))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, features))
-
-    def forward(self, x_t: Tensor, sigma: Tensor) -> Tensor:
-        sigma = torch.as_tensor(sigma, dtype=x_t.dtype, device=x_t.device).reshape(-1, 1)
-        p = self.precond
-        h = self.inp(p.c_in(sigma) * x_t)
-        emb = self.embed(p.c_noise(sigma))
-        for block in self.blocks:
-            h = block(h, emb)
-        return p.c_skip(sigma) * x_t + p.c_out(sigma) * self.out(h)
-
-
 def _library_network(name: str, features: int, **kwargs) -> Denoiser | None:
     """An initialised, untrained diffem denoiser as a ``(x_t, sigma)`` callable, or ``None``."""
-    try:
-        import diffem.denoisers as denoisers
-    except ImportError:
-        return None
+    import diffem.denoisers as denoisers
+
     cls = getattr(denoisers, name, None)
     if cls is None:
         return None
@@ -133,10 +94,6 @@ def _parameters(denoiser: object) -> int:
 
 def mlp_case(device: torch.device, features: int = 64) -> Case:
     net = _library_network("MLPDenoiser", features, device=str(device))
-    source = "diffem MLPDenoiser"
-    if net is None:
-        net = PlainMLPDenoiser(features).to(device)
-        source = "plain MLP"
     _freeze(net)
     generator = torch.Generator().manual_seed(0)
     matrix = torch.randn(features // 2, features, generator=generator) / math.sqrt(features)
@@ -144,7 +101,7 @@ def mlp_case(device: torch.device, features: int = 64) -> Case:
     def operator(batch: int, device: torch.device):
         return Dense(matrix, noise_std=0.1).to(device).expand(batch)
 
-    name = f"MLP ({source}), D={features}, 3x256"
+    name = f"MLP (diffem MLPDenoiser), D={features}, 3x256"
     return Case(name, net, features, operator, _parameters(net))
 
 

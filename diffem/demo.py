@@ -16,7 +16,8 @@ Sinkhorn divergence to held-out true latents, then writes
   latents (the layout of the paper's figure), and ``corner_final.png``;
 * ``metrics.png``: the metrics against EM iteration;
 * ``posterior.png``: posterior samples :math:`x \sim q(x \mid y_i)` for a few observations;
-* ``history.csv`` and ``table.md``: the per-iteration table that is also printed.
+* ``history.csv`` and ``table.md``: the per-iteration table that is also printed (with the
+  command, date and machine in ``table.md``).
 
 Run it with ``python -m diffem demo`` (or the ``diffem demo`` console script); ``--quick`` is a
 < 1 minute smoke run.
@@ -28,28 +29,26 @@ Observations by Expectation Maximization", NeurIPS 2024 (section 5.1).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import platform
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-import torch
 
-__all__ = [
-    "DemoConfig",
-    "DemoResult",
-    "fit_tracked",
-    "format_table",
-    "machine_info",
-    "powers_of_two",
-    "run_demo",
-]
+from diffem._device import resolve_device
+from diffem._report import (
+    fit_tracked,
+    format_table,
+    machine_header,
+    powers_of_two,
+    record_summary,
+)
+
+__all__ = ["DemoConfig", "DemoResult", "distances", "run_demo"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,8 +62,7 @@ class DemoConfig:
 
     ``steps``, ``solver``, ``cg_iter`` and ``warm_start`` configure the MMPS sampler of the
     E-step and of the prior samples; the defaults are the estimator's
-    (:func:`diffem.em.default_sampler`), whose accurate E-step no longer makes EM diverge on
-    this problem (``benchmarks/results/manifold.md``).
+    (:func:`diffem.em.default_sampler`).
     """
 
     n_samples: int = 8192
@@ -119,137 +117,6 @@ class DemoResult:
     config: DemoConfig
     estimator: Any = None
     seconds: float = 0.0
-
-
-# --------------------------------------------------------------------------------------------
-# helpers shared with the benchmarks
-
-
-def powers_of_two(n: int) -> list[int]:
-    """``[1, 2, 4, ...]`` up to ``n``, with ``n`` itself appended (the EM iterations plotted)."""
-    out = [2**k for k in range(int(math.log2(max(n, 1))) + 1) if 2**k <= n]
-    if n >= 1 and out[-1] != n:
-        out.append(n)
-    return out
-
-
-def machine_info(device: str | None = None) -> dict[str, str]:
-    """CPU model, cores, torch version and accelerator, for the results files."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores": str(os.cpu_count()),
-        "torch threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    info["device"] = str(device) if device is not None else "cpu"
-    return info
-
-
-def format_table(
-    rows: Sequence[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    floatfmt: str = ".4g",
-    markdown: bool = True,
-) -> str:
-    """Rows of dicts as a Markdown (or plain aligned) table."""
-    if not rows:
-        return ""
-    columns = list(columns) if columns is not None else list(rows[0])
-
-    def cell(v: Any) -> str:
-        if isinstance(v, float | np.floating):
-            return "nan" if not math.isfinite(float(v)) else format(float(v), floatfmt)
-        return str(v)
-
-    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    if markdown:
-        lines = [
-            "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |",
-            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-        ]
-        lines += [
-            "| " + " | ".join(_justify(v, w) for v, w in zip(b, widths, strict=True)) + " |"
-            for b in body
-        ]
-    else:
-        lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True))]
-        lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
-
-
-def _justify(text: str, width: int) -> str:
-    """Numbers right-aligned, text left-aligned."""
-    try:
-        float(text)
-    except ValueError:
-        return text.ljust(width)
-    return text.rjust(width)
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _record_value(record: Mapping[str, Any], *keys: str) -> float:
-    """First of ``keys`` found in a ``history_`` record, as a float (NaN if absent)."""
-    for key in keys:
-        if key in record and record[key] is not None:
-            value = record[key]
-            if isinstance(value, Sequence | np.ndarray) and not isinstance(value, str):
-                value = np.asarray(value, dtype=np.float64)
-                value = float(value[-1]) if value.size else float("nan")
-            try:
-                return float(value)
-            except (TypeError, ValueError):
-                continue
-    return float("nan")
-
-
-def record_summary(record: Mapping[str, Any]) -> dict[str, float]:
-    """Train loss and E/M-step seconds from one ``history_`` record."""
-    return {
-        "train loss": _record_value(record, "train_loss"),
-        "E-step s": _record_value(record, "e_step_seconds"),
-        "M-step s": _record_value(record, "m_step_seconds"),
-    }
-
-
-def fit_tracked(
-    estimator: Any,
-    Y: Any,
-    operator: Any,
-    on_iteration: Callable[[int, Any, Mapping[str, Any]], None],
-) -> Any:
-    """Fit ``estimator`` and call ``on_iteration(k, estimator, record)`` after EM iteration
-    ``k`` (``k = 0`` is the Gaussian initialisation), with the prior of that iteration in
-    place, through the estimator's ``callback`` parameter."""
-    previous = estimator.get_params(deep=False)["callback"]
-
-    def callback(est: Any, record: Mapping[str, Any]) -> None:
-        on_iteration(int(record["iteration"]), est, record)
-
-    estimator.set_params(callback=callback)
-    try:
-        estimator.fit(Y, operator)
-    finally:
-        estimator.set_params(callback=previous)
-    return estimator
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +316,8 @@ def run_demo(
         out / "posterior.png",
     )
 
-    (out / "table.md").write_text(table + "\n")
+    header = machine_header(resolve_device(cfg.device))
+    (out / "table.md").write_text("\n".join([*header, "", table, ""]))
     with open(out / "history.csv", "w") as f:
         f.write(",".join(columns) + "\n")
         for r in rows:

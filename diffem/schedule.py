@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from diffem._validation import check_int
+
 __all__ = ["EDMPreconditioning", "VESchedule", "gaussian_variance"]
 
 
@@ -78,8 +80,7 @@ class VESchedule:
         ``steps`` log-uniform levels from :math:`\sigma_{\max}` down to :math:`\sigma_{\min}`,
         then a final ``0``: the last step returns the denoiser's estimate :math:`E[x | x_t]`.
         """
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+        steps = check_int(steps, "steps", 1)
         t = torch.linspace(1.0, 0.0, steps, dtype=dtype, device=device)
         return torch.cat([self.sigma(t), torch.zeros(1, dtype=dtype, device=device)])
 

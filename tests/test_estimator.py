@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_estimator
 
 from diffem import DiffusionPriorEM
 from diffem.denoisers import MLPDenoiser
@@ -48,23 +49,6 @@ class Problem:
 
 def rel_cov_error(samples: np.ndarray, cov: np.ndarray) -> float:
     return float(np.linalg.norm(np.cov(samples.T) - cov) / np.linalg.norm(cov))
-
-
-def tiny_estimator(**kwargs) -> DiffusionPriorEM:
-    params = dict(
-        denoiser=MLPDenoiser(
-            max_epochs=2, batch_size=64, module__hidden_features=16, module__n_blocks=1
-        ),
-        sampler=MMPS(steps=4),
-        n_iter=1,
-        gaussian_iter=4,
-        device="cpu",
-        n_transform_samples=2,
-        n_score_samples=2,
-        score_steps=2,
-    )
-    params.update(kwargs)
-    return DiffusionPriorEM(**params)
 
 
 @pytest.fixture(scope="module")

@@ -118,17 +118,18 @@ def test_estep_statistics_match_brute_force(kind):
         op = Dense(torch.randn(n, 3, d, generator=gen, dtype=F64), noise_std=0.2)
     y = observe(op, x, gen)
     ww, xw, xx, logev = brute_statistics(mu, F, diag, op, y)
-    obs = ObservationSet(y, op, d, CPU)
-    steps = [fe.estep_dense] + ([fe.estep_diagonal] if op.as_diagonal() is not None else [])
+    model = fe.FactorEM(ObservationSet(y, op, d, CPU), mu, F, diag, ridge=0.0)
+    steps = [model._estep_dense]
+    steps += [model._estep_diagonal] if op.as_diagonal() is not None else []
     for estep in steps:
         stats = fe.Statistics(d, r, CPU)
-        total = estep(obs, mu, F, diag, stats)
+        total = estep(stats)
         assert total == pytest.approx(logev, abs=1e-9)
         assert stats.count == n
         torch.testing.assert_close(stats.ww, ww, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(stats.xw, xw, atol=1e-10, rtol=1e-10)
         torch.testing.assert_close(stats.xx, xx, atol=1e-10, rtol=1e-10)
-        assert estep(obs, mu, F, diag, None) == pytest.approx(total, rel=1e-12)
+        assert estep(None) == pytest.approx(total, rel=1e-12)
     # the log-evidences agree with the prior's exact ones
     prior = GaussianPrior.low_rank(mu, F, diag)
     assert float(prior.log_evidence(y, op).sum()) == pytest.approx(logev, abs=1e-6)
@@ -174,8 +175,10 @@ def test_factor_recovers_subspace_and_mean():
     se = (truth.cov_matrix.diagonal() / (0.3 * n)).sqrt()
     assert ((fitted.mean - truth.mean).abs() / se).max() < 5
     # the fit is at least as likely as the truth on its own training data
-    obs = ObservationSet(y, op, d, CPU)
-    truth_logev = fe.estep_diagonal(obs, truth.mean, truth.factor, truth.diag, None) / n
+    truth_model = fe.FactorEM(
+        ObservationSet(y, op, d, CPU), truth.mean, truth.factor, truth.diag, 0.0
+    )
+    truth_logev = truth_model._e_step(statistics=False)[0] / n
     assert history[-1] >= truth_logev - 0.5
     # columns are orthogonal, by decreasing norm
     gram = fitted.factor.T @ fitted.factor

@@ -92,6 +92,17 @@ def test_sw_accepts_torch_and_float32(rng):
     assert b == pytest.approx(a, rel=1e-5)
 
 
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_sw_is_pots_sliced_wasserstein_on_seeded_directions(rng, p):
+    ot = pytest.importorskip("ot")
+    X, Y = rng.normal(size=(70, 3)), rng.normal(size=(50, 3)) * 1.5 + 0.2
+    theta = np.random.RandomState(4).standard_normal((32, 3))  # check_random_state(4)'s draws
+    theta /= np.linalg.norm(theta, axis=1, keepdims=True)
+    expected = ot.sliced_wasserstein_distance(X, Y, projections=theta.T, p=p)
+    value = sliced_wasserstein(X, Y, n_projections=32, p=p, random_state=4)
+    assert value == pytest.approx(float(expected), rel=1e-12)
+
+
 def test_sw_validation(rng):
     X = rng.normal(size=(10, 2))
     with pytest.raises(ValueError, match="same number of features"):
@@ -131,12 +142,18 @@ def test_sinkhorn_monotone_symmetric_and_order_invariant(rng):
     )
 
 
-def test_sinkhorn_solvers_agree(rng):
-    # The fast symmetric solver against POT's log-domain Sinkhorn run to convergence.
+def test_sinkhorn_is_pots_debiased_entropic_value(rng):
+    # S_eps as POT's ot.solve_sample(..., debias=True).value: the entropic KL terms included
+    # (POT's value_linear, without them, differs).
+    ot = pytest.importorskip("ot")
     X, Y = rng.normal(size=(60, 2)), rng.normal(size=(50, 2)) + np.array([1.0, 0.0])
+    reference = ot.solve_sample(X, Y, reg=0.3, debias=True, tol=1e-12, max_iter=20000)
+    pot = sinkhorn_divergence(X, Y, reg=0.3, solver="pot", tol=1e-6, dtype=torch.float64)
+    assert pot == pytest.approx(float(reference.value), rel=1e-5)
+    assert abs(float(reference.value_linear) - pot) > 0.05 * pot
+    # the fixed-budget symmetric solver agrees at this reg
     fast = sinkhorn_divergence(X, Y, reg=0.3, dtype=torch.float64)
-    reference = sinkhorn_divergence(X, Y, reg=0.3, solver="pot", tol=1e-5, dtype=torch.float64)
-    assert fast == pytest.approx(reference, rel=0.02)
+    assert fast == pytest.approx(float(reference.value), rel=0.02)
     shift = np.array([0.4, 0.2])
     assert sinkhorn_divergence(X, X + shift, reg=0.3, solver="pot") == pytest.approx(0.2, rel=0.03)
 

@@ -270,7 +270,7 @@ def test_expand_rejects_per_sample_operators() -> None:
     assert op.expand(3) is op
     with pytest.raises(ValueError, match="batch size 1"):
         op.expand(5)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n must be an int in the range"):
         Identity(3).expand(0)
 
 

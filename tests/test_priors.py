@@ -12,6 +12,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from diffem.operators import Dense, Identity, Mask
 from diffem.priors import GaussianMixturePrior, GaussianPrior, fit_gaussian, fit_gaussian_mixture
@@ -437,6 +438,35 @@ def test_fit_gaussian_recovers_truth_and_increases_evidence():
     assert ((fitted.mean - mu).abs() / (var / (0.6 * n)).sqrt()).max() < 5
     sd = ((var[:, None] * var[None, :] + C**2) / (0.36 * n)).sqrt()
     assert ((fitted.covariance - C).abs() / sd).max() < 5
+
+
+def test_em_bookkeeping_tol_and_random_state():
+    d, n = 4, 300
+    gen = torch.Generator().manual_seed(40)
+    truth = GaussianPrior(*gaussian(d, seed=41))
+    op = Mask(torch.rand(n, d, generator=gen) < 0.7, noise_std=0.2)
+    y = observe(op, torch.as_tensor(truth.sample(n, generator=42)), gen)
+    full = fit_gaussian(y, op, n_iter=30, dtype=F64)
+    assert (full.n_iter_, full.converged_, full.lower_bound_) == (30, False, full.history_[-1])
+    # tol stops EM at the first rise below it, and the prior returned is the one evaluated last
+    tol = 1e-4
+    early = fit_gaussian(y, op, n_iter=30, tol=tol, dtype=F64)
+    rises = np.diff(early.history_)
+    assert early.converged_ and early.n_iter_ < 30 and rises[-1] < tol and (rises[:-1] >= tol).all()
+    assert early.history_ == full.history_[: early.n_iter_ + 1]
+    assert float(early.log_evidence(y, op).mean()) == pytest.approx(early.lower_bound_, rel=1e-6)
+    with pytest.warns(ConvergenceWarning, match="did not converge"):
+        fit_gaussian(y, op, n_iter=2, tol=tol)
+    # random_state with scikit-learn semantics; generator= is the same parameter
+    mixture_a = fit_gaussian_mixture(y, op, 2, n_iter=3, random_state=np.random.RandomState(3))
+    mixture_b = fit_gaussian_mixture(y, op, 2, n_iter=3, generator=np.random.RandomState(3))
+    torch.testing.assert_close(mixture_a.means, mixture_b.means)
+    np.random.seed(5)  # noqa: NPY002 - random_state=None draws from NumPy's global state
+    mixture_c = fit_gaussian_mixture(y, op, 2, n_iter=3, random_state=None)
+    np.random.seed(5)  # noqa: NPY002
+    torch.testing.assert_close(fit_gaussian_mixture(y, op, 2, n_iter=3).means, mixture_c.means)
+    with pytest.raises(ValueError, match="n_iter must be an int"):
+        fit_gaussian(y, op, n_iter=-1)
 
 
 def test_fit_gaussian_low_rank():

@@ -151,6 +151,45 @@ def test_cg_nonfinite_product_is_isolated() -> None:
     assert (result.solution[1] == 0).all()
 
 
+def test_cg_remainder_and_image_follow_the_solution() -> None:
+    # M = S + A Bm with an image Bm p: the returned residual vector is b - M u, the image is
+    # Bm u, so that A (Bm u) = b - r - S u (what MMPS's residual guard uses).
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(4, 5, 3, generator=g, dtype=F64)
+    L = torch.randn(4, 3, 3, generator=g, dtype=F64)
+    Bm = L @ L.mT @ A.mT  # (4, 3, 5)
+    S = torch.rand(4, 5, generator=g, dtype=F64) + 0.1
+    b = torch.randn(4, 5, generator=g, dtype=F64)
+
+    def matvec(p: Tensor) -> tuple[Tensor, Tensor]:
+        image = (Bm @ p.unsqueeze(-1)).squeeze(-1)
+        return S * p + (A @ image.unsqueeze(-1)).squeeze(-1), image
+
+    result = conjugate_gradient(matvec, b, max_iter=2, rtol=0.0)
+    u = result.solution
+    M_u = S * u + (A @ (Bm @ u.unsqueeze(-1))).squeeze(-1)
+    torch.testing.assert_close(result.remainder, b - M_u)
+    torch.testing.assert_close(result.image, (Bm @ u.unsqueeze(-1)).squeeze(-1))
+    torch.testing.assert_close(
+        (A @ result.image.unsqueeze(-1)).squeeze(-1), b - result.remainder - S * u
+    )
+
+
+def test_posterior_samplers_draw_n_samples_chains() -> None:
+    # n_samples independent chains per observation: the same draws as repeating the rows.
+    prior = _gaussian_prior()
+    Y, op = _problem(prior, "dense", 5)
+    sampler = MMPS(steps=6, cg_iter=2)
+    x = sampler.sample(prior, Y, op, generator=torch.Generator().manual_seed(0), n_samples=3)
+    rows = torch.arange(5).repeat_interleave(3)
+    flat = sampler.sample(prior, Y[rows], op[rows], generator=torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, D)
+    torch.testing.assert_close(x.reshape(15, D), flat)
+    assert not torch.equal(x[:, 0], x[:, 1])
+    with pytest.raises(ValueError, match="n_samples"):
+        sampler.sample(prior, Y, op, n_samples=0)
+
+
 # ---------------------------------------------------------------------------- Gaussian ground truth
 @pytest.mark.parametrize("kind", ["mask", "dense"])
 def test_mmps_matches_exact_gaussian_posterior(kind: str) -> None:

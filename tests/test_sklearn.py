@@ -13,6 +13,7 @@ import joblib
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_denoiser, tiny_estimator
 from sklearn.base import clone
 from sklearn.model_selection import GridSearchCV, KFold, cross_val_score
 from sklearn.pipeline import Pipeline
@@ -25,33 +26,6 @@ from diffem.operators import Dense, Mask
 from diffem.samplers import MMPS
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_denoiser(**kwargs) -> MLPDenoiser:
-    params = dict(
-        max_epochs=2,
-        batch_size=64,
-        module__hidden_features=16,
-        module__n_blocks=1,
-        module__emb_features=8,
-    )
-    params.update(kwargs)
-    return MLPDenoiser(**params)
-
-
-def tiny_estimator(n_iter: int = 1, **kwargs) -> DiffusionPriorEM:
-    params = dict(
-        denoiser=tiny_denoiser(),
-        sampler=MMPS(steps=4),
-        n_iter=n_iter,
-        gaussian_iter=4,
-        n_transform_samples=2,
-        n_score_samples=2,
-        score_steps=2,
-        device="cpu",
-    )
-    params.update(kwargs)
-    return DiffusionPriorEM(**params)
 
 
 # ---------------------------------------------------------------------- estimator checks

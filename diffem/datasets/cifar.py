@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sklearn.utils import check_random_state
 
-from diffem.datasets._common import _Unpackable, check_positive_int, rng_from, to_unit_range
+from diffem._validation import check_int
+from diffem.datasets._common import _Unpackable, to_unit_range
 
 __all__ = ["CIFAR10", "load_cifar10"]
 
@@ -175,12 +177,12 @@ def load_cifar10(
     data = np.concatenate([b[0] for b in batches])
     target = np.concatenate([b[1] for b in batches])
     if subset is not None:
-        subset = check_positive_int(subset, "subset")
+        subset = check_int(subset, "subset", 1)
         if subset > len(data):
             raise ValueError(f"subset must be at most {len(data)}, got {subset}.")
         if random_state is None:
             index: Any = slice(0, subset)
         else:
-            index = rng_from(random_state).choice(len(data), subset, replace=False)
+            index = check_random_state(random_state).choice(len(data), subset, replace=False)
         data, target = data[index], target[index]
     return CIFAR10(X=to_unit_range(data, 255.0), target=target)

@@ -5,15 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.utils import check_random_state
 
-from diffem.datasets._common import (
-    _Unpackable,
-    check_fraction,
-    check_noise_std,
-    check_positive_int,
-    rng_from,
-    to_unit_range,
-)
+from diffem._validation import check_int, check_number
+from diffem.datasets._common import _Unpackable, to_unit_range
 from diffem.operators import Mask
 
 __all__ = ["CorruptedImages", "ImagePatches", "load_digits_corrupted", "load_image_patches"]
@@ -118,14 +113,14 @@ def load_digits_corrupted(
     """
     from sklearn.datasets import load_digits
 
-    missing = check_fraction(missing, "missing")
-    noise_std = check_noise_std(noise_std)
-    rng = rng_from(random_state)
+    missing = check_number(missing, "missing", 0.0, 1.0, high_open=True)
+    noise_std = check_number(noise_std, "noise_std", 0.0)
+    rng = check_random_state(random_state)
     digits = load_digits()
     X = to_unit_range(digits.data, 16.0)
     target = digits.target.astype(np.int64)
     if n_samples is not None:
-        n_samples = check_positive_int(n_samples, "n_samples")
+        n_samples = check_int(n_samples, "n_samples", 1)
         if n_samples > len(X):
             raise ValueError(f"n_samples must be at most {len(X)}, got {n_samples}.")
         index = rng.choice(len(X), n_samples, replace=False)
@@ -200,9 +195,9 @@ def load_image_patches(
     """
     from sklearn.datasets import load_sample_images
 
-    patch_size = check_positive_int(patch_size, "patch_size")
-    n_patches = check_positive_int(n_patches, "n_patches")
-    rng = rng_from(random_state)
+    patch_size = check_int(patch_size, "patch_size", 1)
+    n_patches = check_int(n_patches, "n_patches", 1)
+    rng = check_random_state(random_state)
     images = [np.asarray(image, dtype=np.float64) for image in load_sample_images().images]
     if grayscale:
         images = [image @ np.asarray(LUMA_WEIGHTS) for image in images]

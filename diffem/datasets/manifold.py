@@ -6,13 +6,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.utils import check_random_state
 
-from diffem.datasets._common import (
-    _Unpackable,
-    check_noise_std,
-    check_positive_int,
-    rng_from,
-)
+from diffem._validation import check_int, check_number
+from diffem.datasets._common import _Unpackable
 from diffem.operators import Dense
 
 __all__ = ["ManifoldData", "make_manifold", "smooth_curve"]
@@ -158,12 +155,12 @@ def make_manifold(
     >>> X.shape, Y.shape, operator.shape
     ((1000, 5), (1000, 2), (1000, 2, 5))
     """
-    n_samples = check_positive_int(n_samples, "n_samples")
-    n_features = check_positive_int(n_features, "n_features")
-    n_measurements = check_positive_int(n_measurements, "n_measurements")
-    noise_std = check_noise_std(noise_std)
-    rng = rng_from(random_state)
-    curve_rng = rng if manifold_random_state is None else rng_from(manifold_random_state)
+    n_samples = check_int(n_samples, "n_samples", 1)
+    n_features = check_int(n_features, "n_features", 1)
+    n_measurements = check_int(n_measurements, "n_measurements", 1)
+    noise_std = check_number(noise_std, "noise_std", 0.0)
+    rng = check_random_state(random_state)
+    curve_rng = rng if manifold_random_state is None else check_random_state(manifold_random_state)
     # The curve's coefficients (a fixed number of uniforms) are drawn first, so that the curve
     # depends on the seed only; replaying the same state evaluates it at the t_i.
     state = curve_rng.get_state()

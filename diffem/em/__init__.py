@@ -8,6 +8,7 @@ from diffem.em.estimator import (
     recipe_denoiser,
     recipe_evidence_sampler,
     recipe_sampler,
+    recipe_warmup_sampler,
 )
 from diffem.em.evidence import importance_log_evidence, ode_log_density
 from diffem.em.prior import DiffusionPrior
@@ -21,4 +22,5 @@ __all__ = [
     "recipe_denoiser",
     "recipe_evidence_sampler",
     "recipe_sampler",
+    "recipe_warmup_sampler",
 ]

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffem._random import optional_generator
 from diffem._validation import check_int
 from diffem.em.evidence import importance_log_evidence
 from diffem.operators import Operator
 from diffem.priors import GaussianPrior
-from diffem.priors._common import make_generator
 from diffem.samplers import SMC, Unconditional
 
 __all__ = ["DiffusionPrior"]
@@ -192,7 +192,7 @@ class DiffusionPrior:
 
     # ------------------------------------------------------------------ the protocol
     def _generator(self, generator: Any) -> torch.Generator | None:
-        return make_generator(generator, self.device)
+        return optional_generator(generator, self.device)
 
     def sample(self, n_samples: int = 1, generator: Any = None) -> np.ndarray:
         r"""Draws :math:`x \sim q(x)`; NumPy float32 ``(n_samples, D)``."""

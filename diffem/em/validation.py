@@ -16,12 +16,14 @@ import numpy as np
 import torch
 from sklearn.utils.validation import check_array
 
+from diffem._device import resolve_device
+from diffem._validation import check_int as _check_int
+from diffem._validation import check_number
 from diffem.operators import Identity, Mask, Operator
 
 __all__ = [
     "check_observations",
     "check_params",
-    "resolve_device",
     "resolve_operator",
 ]
 
@@ -184,14 +186,6 @@ def _is_target(value: Any, n: int) -> bool:
     return array.ndim == 1 and array.shape[0] == n
 
 
-def _check_int(value: Any, name: str, minimum: int, *, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{name} must be an integer >= {minimum}{extra}, got {value!r}.")
-
-
 def check_params(estimator: Any) -> None:
     """Validates the hyper-parameters of a :class:`~diffem.em.DiffusionPriorEM` at fit time."""
     _check_int(estimator.n_iter, "n_iter", 0)
@@ -209,11 +203,9 @@ def check_params(estimator: Any) -> None:
     for name in ("reset_optimizer", "keep_best", "refine_init"):
         if not isinstance(getattr(estimator, name), (bool, np.bool_)):
             raise ValueError(f"{name} must be a bool, got {getattr(estimator, name)!r}.")
-    tol = estimator.tol
-    if tol is not None and (
-        isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not 0 <= tol < np.inf
-    ):
-        raise ValueError(f"tol must be None or a non-negative float, got {tol!r}.")
+    _check_int(estimator.evidence_rows, "evidence_rows", 2, allow_none=True)
+    if estimator.tol is not None:
+        check_number(estimator.tol, "tol", 0.0)
     noise_std = estimator.noise_std
     if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
         raise ValueError(
@@ -236,22 +228,3 @@ def check_params(estimator: Any) -> None:
             f"checkpoint_dir must be a path or None, got {type(estimator.checkpoint_dir).__name__}."
         )
     resolve_device(estimator.device)
-
-
-def resolve_device(device: Any) -> torch.device:
-    """``"auto"`` gives CUDA when available, else the CPU; anything else goes to ``torch.device``.
-
-    Raises ``ValueError`` for an unknown device string, or for CUDA when it is unavailable.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(
-            f"device must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or a torch.device, got "
-            f"{device!r}."
-        ) from error
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} was requested but CUDA is not available.")
-    return resolved

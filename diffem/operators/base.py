@@ -29,33 +29,11 @@ import torch
 from torch import Tensor
 
 from diffem._device import loadable_device
+from diffem._validation import as_float_tensor, check_finite, check_int
 
-__all__ = [
-    "Operator",
-    "as_noise_std",
-    "check_finite",
-    "check_image_shape",
-    "check_positive_int",
-]
+__all__ = ["Operator", "as_batched", "as_noise_std"]
 
 Index = int | slice | Sequence[int] | np.ndarray | Tensor | tuple
-
-
-def _as_float_tensor(value: Any, name: str, dtype: torch.dtype | None = None) -> Tensor:
-    """Converts ``value`` to a floating tensor, or raises a ``TypeError`` naming ``name``."""
-    try:
-        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
-    except (TypeError, ValueError, RuntimeError) as error:
-        kind = type(value).__name__
-        raise TypeError(f"{name} must be array-like of numbers, got {kind}.") from error
-    if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"{name} must be real-valued numbers, got dtype {tensor.dtype}.")
-    if not (isinstance(value, Tensor) and tensor.is_floating_point()):
-        # NumPy and Python numbers follow torch's default dtype (float32), like torch.tensor.
-        tensor = tensor.to(torch.get_default_dtype())
-    if dtype is not None:
-        tensor = tensor.to(dtype)
-    return tensor
 
 
 def _as_bool_tensor(value: Any, name: str) -> Tensor:
@@ -80,6 +58,22 @@ def _as_bool_tensor(value: Any, name: str) -> Tensor:
     return tensor.bool()
 
 
+def as_batched(value: Any, name: str, ndim: int, shapes: str) -> Tensor:
+    """``value`` as a floating tensor with a leading batch dimension: a shared parameter of
+    ``ndim`` dimensions gets one of size 1, one of ``ndim + 1`` dimensions is per sample.
+
+    Raises ``ValueError`` naming ``name`` and the accepted ``shapes`` for other shapes, an
+    empty dimension, or a NaN or infinite entry.
+    """
+    tensor = as_float_tensor(value, name)
+    if tensor.ndim == ndim:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != ndim + 1 or 0 in tensor.shape:
+        raise ValueError(f"{name} must have shape {shapes}, got {tuple(tensor.shape)}.")
+    check_finite(tensor, name)
+    return tensor
+
+
 def as_noise_std(noise_std: Any, n: int | None, m: int) -> Tensor:
     r"""Validates a noise standard deviation and returns it with shape ``(n | 1, m | 1)``.
 
@@ -87,7 +81,7 @@ def as_noise_std(noise_std: Any, n: int | None, m: int) -> Tensor:
     measurement). ``n=None`` means the operator's batch size is not known yet (shared
     parameters): then a vector fixes it.
     """
-    std = _as_float_tensor(noise_std, "noise_std")
+    std = as_float_tensor(noise_std, "noise_std")
     if std.ndim == 0:
         std = std.reshape(1, 1)
     elif std.ndim == 1:
@@ -266,7 +260,7 @@ class Operator:
         or infinite.
         """
         if not isinstance(y, Tensor):
-            y = _as_float_tensor(y, "Y")
+            y = as_float_tensor(y, "Y")
         if y.ndim != 2 or y.shape[-1] != self._m:
             raise ValueError(f"Y must have shape (n, {self._m}), got {tuple(y.shape)}.")
         if self._n != 1 and y.shape[0] not in (1, self._n):
@@ -347,8 +341,7 @@ class Operator:
         Shared tensors are kept once; only the reported length changes, so the result costs
         no memory and can be indexed by cross-validation splitters.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        n = check_int(n, "n", 1)
         if self._n == n:
             return self
         if not self._all_shared():
@@ -357,7 +350,7 @@ class Operator:
                 f"has {self._n} samples and cannot be expanded to {n}."
             )
         new = self.__copy__()
-        new._n = int(n)
+        new._n = n
         return new
 
     def to(
@@ -412,37 +405,3 @@ class Operator:
         std = self.noise_std
         noise = f"{std.item():g}" if std.numel() == 1 else f"tensor{tuple(std.shape)}"
         return f"{type(self).__name__}(n={n}, m={m}, d={d}, noise_std={noise})"
-
-
-def check_positive_int(value: Any, name: str) -> int:
-    """Returns ``value`` as an ``int``, or raises ``ValueError`` if it is not a positive integer."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def check_finite(tensor: Tensor, name: str) -> None:
-    """Raises ``ValueError`` naming ``name`` if ``tensor`` has a NaN or infinite entry."""
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} must be finite; it contains NaN or inf.")
-
-
-def check_image_shape(image_shape: Any, name: str = "image_shape") -> tuple[int, int, int]:
-    """Validates an image shape ``(C, H, W)`` of positive integers and returns it as a tuple.
-
-    Raises ``TypeError`` if it is not a sequence, ``ValueError`` if it does not hold three
-    positive integers.
-    """
-    if isinstance(image_shape, (str, bytes)) or not isinstance(
-        image_shape, (Sequence, np.ndarray, torch.Size)
-    ):
-        raise TypeError(
-            f"{name} must be a sequence (C, H, W) of positive integers, "
-            f"got {type(image_shape).__name__}."
-        )
-    values = tuple(image_shape)
-    if len(values) != 3 or not all(
-        not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v >= 1 for v in values
-    ):
-        raise ValueError(f"{name} must be (C, H, W) with positive integers, got {values!r}.")
-    return (int(values[0]), int(values[1]), int(values[2]))

@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffem.operators.base import (
-    Operator,
-    _as_float_tensor,
-    check_finite,
-    check_image_shape,
-    check_positive_int,
-)
+from diffem._validation import as_float_tensor, check_image_shape, check_int
+from diffem.operators.base import Operator, as_batched
 
 __all__ = ["Blur"]
 
@@ -54,19 +49,12 @@ class Blur(Operator):
 
     def __init__(self, kernel: Any, image_shape: Any, *, noise_std: Any = 0.0) -> None:
         self.image_shape = check_image_shape(image_shape)
-        weight = _as_float_tensor(kernel, "kernel")
-        if weight.ndim == 2:
-            weight = weight.unsqueeze(0)
-        if weight.ndim != 3 or 0 in weight.shape:
-            raise ValueError(
-                f"kernel must have shape (k, k) or (n, k, k) with odd k, got {tuple(weight.shape)}."
-            )
+        weight = as_batched(kernel, "kernel", 2, "(k, k) or (n, k, k) with odd k")
         if weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0:
             raise ValueError(
                 f"kernel must have odd sizes, shape (k, k) or (n, k, k) with odd k; got "
                 f"{tuple(weight.shape[-2:])}."
             )
-        check_finite(weight, "kernel")
         self.kernel = weight
         c, h, w = self.image_shape
         self._n = weight.shape[0]
@@ -89,10 +77,10 @@ class Blur(Operator):
         image_shape : tuple ``(C, H, W)``
         noise_std : float or array of shape ``(n,)`` or ``(n, C*H*W)``
         """
-        size = check_positive_int(size, "size")
+        size = check_int(size, "size", 1)
         if size % 2 == 0:
             raise ValueError(f"size must be an odd positive integer, got {size}.")
-        widths = _as_float_tensor(width, "width")
+        widths = as_float_tensor(width, "width")
         if widths.ndim > 1 or widths.numel() == 0:
             raise ValueError(
                 f"width must be a scalar or of shape (n,), got shape {tuple(widths.shape)}."

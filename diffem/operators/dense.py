@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from diffem.operators.base import Operator, _as_float_tensor, check_finite
+from diffem.operators.base import Operator, as_batched
 
 __all__ = ["Dense"]
 
@@ -26,14 +26,7 @@ class Dense(Operator):
     _batched = ("weight",)
 
     def __init__(self, matrix: Any, *, noise_std: Any = 0.0) -> None:
-        weight = _as_float_tensor(matrix, "matrix")
-        if weight.ndim == 2:
-            weight = weight.unsqueeze(0)
-        if weight.ndim != 3 or 0 in weight.shape:
-            raise ValueError(
-                f"matrix must have shape (M, D) or (n, M, D), got {tuple(weight.shape)}."
-            )
-        check_finite(weight, "matrix")
+        weight = as_batched(matrix, "matrix", 2, "(M, D) or (n, M, D)")
         self.weight = weight
         self._n, self._m, self._d = weight.shape
         self._set_noise(noise_std)

@@ -7,7 +7,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffem.operators.base import Operator, check_image_shape, check_positive_int
+from diffem._validation import check_image_shape, check_int
+from diffem.operators.base import Operator
 
 __all__ = ["Downsample"]
 
@@ -35,7 +36,7 @@ class Downsample(Operator):
     """
 
     def __init__(self, factor: int, image_shape: Any, *, noise_std: Any = 0.0) -> None:
-        self.factor = check_positive_int(factor, "factor")
+        self.factor = check_int(factor, "factor", 1)
         self.image_shape = check_image_shape(image_shape)
         c, h, w = self.image_shape
         if h % self.factor or w % self.factor:

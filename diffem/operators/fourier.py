@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffem.operators.base import Operator, _as_bool_tensor, check_image_shape
+from diffem._validation import check_image_shape
+from diffem.operators.base import Operator, _as_bool_tensor
 
 __all__ = ["FourierMask"]
 

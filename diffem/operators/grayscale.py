@@ -6,7 +6,8 @@ from typing import Any
 
 from torch import Tensor
 
-from diffem.operators.base import Operator, _as_float_tensor, check_finite, check_image_shape
+from diffem._validation import as_float_tensor, check_finite, check_image_shape
+from diffem.operators.base import Operator
 
 __all__ = ["Grayscale"]
 
@@ -44,7 +45,7 @@ class Grayscale(Operator):
     ) -> None:
         self.image_shape = check_image_shape(image_shape)
         c, h, w = self.image_shape
-        weight = _as_float_tensor(weights, "weights")
+        weight = as_float_tensor(weights, "weights")
         if weight.shape != (c,):
             raise ValueError(
                 f"weights must have shape (C,) = ({c},) for image_shape {self.image_shape}, got "

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffem.operators.base import Operator, check_positive_int
+from diffem._validation import check_int
+from diffem.operators.base import Operator
 
 __all__ = ["Identity"]
 
@@ -24,7 +25,7 @@ class Identity(Operator):
     """
 
     def __init__(self, n_features: int, *, noise_std: Any = 0.0) -> None:
-        self._d = self._m = check_positive_int(n_features, "n_features")
+        self._d = self._m = check_int(n_features, "n_features", 1)
         self._n = 1
         self._set_noise(noise_std)
 

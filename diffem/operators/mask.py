@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffem.operators.base import Operator, _as_bool_tensor, _as_float_tensor
+from diffem._validation import as_float_tensor
+from diffem.operators.base import Operator, _as_bool_tensor
 
 __all__ = ["Mask"]
 
@@ -43,7 +44,7 @@ class Mask(Operator):
     @classmethod
     def from_nan(cls, Y: Any, *, noise_std: Any = 0.0) -> Mask:
         """The mask of the finite entries of ``Y`` (shape ``(n, D)``): NaN marks a missing value."""
-        Y = _as_float_tensor(Y, "Y")
+        Y = as_float_tensor(Y, "Y")
         if Y.ndim != 2:
             raise ValueError(f"Y must have shape (n, D), got {tuple(Y.shape)}.")
         if torch.isinf(Y).any():

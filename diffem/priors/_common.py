@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffem._validation import as_float_tensor
 from diffem.operators.base import Operator
 
 LOG_2PI = math.log(2 * math.pi)
@@ -39,90 +40,28 @@ LOG_2PI = math.log(2 * math.pi)
 _CHUNK_ENTRIES = 2**24
 
 
-# ---------------------------------------------------------------------- conversion helpers
-def as_float_tensor(
-    value: Any,
-    name: str,
-    *,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Converts array-likes (NumPy, torch, lists) to a floating tensor.
-
-    NumPy and Python inputs follow torch's default dtype (float32) unless ``dtype`` is given;
-    floating torch tensors keep their dtype. Raises ``TypeError`` naming ``name`` otherwise.
-    """
-    if isinstance(value, Tensor):
-        tensor = value.detach()
-    else:
-        try:
-            array = np.asarray(value)
-        except (TypeError, ValueError) as error:
-            raise TypeError(f"{name} must be array-like of numbers.") from error
-        if array.dtype == object or array.dtype.kind not in "biuf":
-            raise TypeError(f"{name} must be real-valued numbers, got dtype {array.dtype}.")
-        tensor = torch.as_tensor(array)
-        if dtype is None:
-            tensor = tensor.to(torch.get_default_dtype())
-    if tensor.dtype == torch.bool or tensor.is_complex():
-        raise TypeError(f"{name} must be real-valued numbers, got dtype {tensor.dtype}.")
-    if not tensor.is_floating_point():
-        tensor = tensor.to(torch.get_default_dtype())
-    return tensor.to(dtype=dtype, device=device)
-
-
-def check_finite(tensor: Tensor, name: str) -> None:
-    if not torch.isfinite(tensor).all():
-        raise ValueError(f"{name} must be finite; it contains NaN or inf.")
-
-
-def check_n(value: Any, name: str) -> int:
-    """A positive integer, or a ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return int(value)
-
-
-def make_generator(generator: Any, device: torch.device) -> torch.Generator | None:
-    """A ``torch.Generator`` from ``generator``: a generator (returned as is), ``None``, an int
-    seed or a ``numpy.random.RandomState`` (a seed is drawn from it)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, np.random.RandomState):
-        seed = int(generator.randint(0, 2**31 - 1))
-    elif isinstance(generator, np.random.Generator):
-        seed = int(generator.integers(0, 2**31 - 1))
-    elif isinstance(generator, (int, np.integer)) and not isinstance(generator, bool):
-        seed = int(generator)
-    else:
-        raise TypeError(
-            "generator must be a torch.Generator, an int seed, a numpy RandomState or None; "
-            f"got {type(generator).__name__}."
-        )
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return gen
-
-
-def randn(
+# ---------------------------------------------------------------------- draws and conversions
+def _draw(
+    draw: Any,
     shape: tuple[int, ...],
     generator: torch.Generator | None,
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
-    """Standard normal draws; drawn on the generator's device, then moved to ``device``."""
+    """``draw(shape)`` (``torch.randn``, ``torch.rand``) on the generator's device, then moved to
+    ``device``, so that a CPU generator gives the same draws for a prior on any device."""
     gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+    return draw(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
-def rand(
-    shape: tuple[int, ...],
-    generator: torch.Generator | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
-    gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+def randn(shape: tuple[int, ...], generator: Any, dtype: torch.dtype, device: Any) -> Tensor:
+    """Standard normal draws of ``shape``."""
+    return _draw(torch.randn, shape, generator, dtype, device)
+
+
+def rand(shape: tuple[int, ...], generator: Any, dtype: torch.dtype, device: Any) -> Tensor:
+    """Uniform draws on ``[0, 1)`` of ``shape``."""
+    return _draw(torch.rand, shape, generator, dtype, device)
 
 
 def to_numpy(tensor: Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -171,19 +110,22 @@ class Observations(NamedTuple):
 
 
 class ObservationSet:
-    """Validated observations ``Y`` ``(n, M)`` with their operator, served in chunks.
+    """Validated observations ``Y`` ``(n, M)`` with their operator (acting on ``n_features``
+    features, if given), served in chunks.
 
     Dense operator matrices are built one chunk at a time, so memory stays bounded for any
     ``n``: a chunk holds about ``2**24 / factor`` entries of ``(M, max(M, D))`` matrices.
     """
 
-    def __init__(self, Y: Any, operator: Operator, n_features: int, device: torch.device) -> None:
+    def __init__(
+        self, Y: Any, operator: Operator, n_features: int | None, device: torch.device
+    ) -> None:
         if not isinstance(operator, Operator):
             raise TypeError(
                 f"operator must be a diffem.operators.Operator, got {type(operator).__name__}."
             )
         n_op, m, d = operator.shape
-        if d != n_features:
+        if n_features is not None and d != n_features:
             raise ValueError(
                 f"operator acts on {d} features but the prior has n_features = {n_features}."
             )
@@ -367,11 +309,15 @@ class Conditioned(NamedTuple):
     def mean_shift(self) -> Tensor:
         return self.gain(self.residual)
 
-    def cov_reduction(self) -> Tensor:
-        """:math:`C A^\\top S^{-1} A C`, shape ``(b, D, D)``."""
-        W = torch.linalg.solve_triangular(
+    def whitened_gain(self) -> Tensor:
+        """:math:`W = L^{-1} A C` with :math:`S = L L^\\top`, shape ``(b, M, D)``."""
+        return torch.linalg.solve_triangular(
             self.L, self.AC.expand(self.L.shape[0], -1, -1), upper=False
         )
+
+    def cov_reduction(self) -> Tensor:
+        """:math:`C A^\\top S^{-1} A C = W^\\top W`, shape ``(b, D, D)``."""
+        W = self.whitened_gain()
         return W.mT @ W
 
 

@@ -46,8 +46,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from sklearn.cluster import KMeans
 from torch import Tensor
 
+from diffem._device import resolve_device
+from diffem._random import numpy_random_state, torch_generator
+from diffem._validation import check_int, check_number
 from diffem.operators.base import Operator
 from diffem.priors import _factor_em
 from diffem.priors._common import (
@@ -55,11 +59,9 @@ from diffem.priors._common import (
     FullCovariance,
     LowRankCovariance,
     ObservationSet,
-    check_n,
     condition,
-    make_generator,
-    rand,
 )
+from diffem.priors._em_base import ExpectationMaximization
 from diffem.priors.gaussian import GaussianPrior, _check_psd_eig
 from diffem.priors.mixture import GaussianMixturePrior
 
@@ -68,22 +70,6 @@ __all__ = ["fit_gaussian", "fit_gaussian_mixture"]
 
 # ``method="auto"`` keeps the dense exact path with ``rank`` up to this many features.
 _EXACT_MAX_D = 64
-
-
-def _resolve_device(device: Any, init: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if init is not None and hasattr(init, "device"):
-        return init.device
-    return torch.device("cpu")
-
-
-def _observation_set(Y: Any, operator: Operator, device: torch.device) -> ObservationSet:
-    if not isinstance(operator, Operator):
-        raise TypeError(
-            f"operator must be a diffem.operators.Operator, got {type(operator).__name__}."
-        )
-    return ObservationSet(Y, operator, operator.n_features, device)
 
 
 def _initial_moments(obs: ObservationSet) -> tuple[Tensor, Tensor]:
@@ -141,12 +127,198 @@ def _project_low_rank(
     return factor, diag
 
 
+class _GaussianEM(ExpectationMaximization):
+    """Dense exact EM (``method="exact"``): the full covariance ``cov`` ``(D, D)``, or
+    ``factor`` ``(D, r)`` and ``diag`` ``(D,)`` projected from the full update."""
+
+    def __init__(
+        self,
+        obs: ObservationSet,
+        mean: Tensor,
+        cov: Tensor | None,
+        factor: Tensor | None,
+        diag: Tensor | None,
+        ridge: float,
+    ) -> None:
+        super().__init__(obs, ridge)
+        self.mean, self.cov, self.factor, self.diag = mean, cov, factor, diag
+
+    def _covariance(self) -> Covariance:
+        if self.cov is None:
+            return LowRankCovariance(self.factor, self.diag)
+        vals, vecs = _check_psd_eig(self.cov, "cov")
+        return FullCovariance(self.cov, vals, vecs)
+
+    def _e_step(self, statistics: bool) -> tuple[float, Any]:
+        d, dev = self.obs.d, self.mean.device
+        cov = self._covariance()
+        sum_dev = torch.zeros(d, dtype=torch.float64, device=dev)
+        sum_outer = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        sum_reduction = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        total = 0.0
+        for part in self.obs.chunks(factor=4):
+            cond = condition(self.mean, cov, part)
+            total += float(cond.log_evidence.sum())
+            if not statistics:
+                continue
+            dev_i = cond.mean_shift()  # m_i - mu, (b, D)
+            sum_dev += dev_i.sum(0)
+            sum_outer += dev_i.mT @ dev_i
+            W = cond.whitened_gain().reshape(-1, d)  # C A^T S^{-1} A C = W^T W
+            sum_reduction += W.mT @ W
+        return total, (cov, sum_dev, sum_outer, sum_reduction)
+
+    def _m_step(self, statistics: Any) -> None:
+        cov, sum_dev, sum_outer, sum_reduction = statistics
+        n = len(self.obs)
+        delta = sum_dev / n
+        self.mean = self.mean + delta
+        new = cov.dense() - sum_reduction / n + sum_outer / n - torch.outer(delta, delta)
+        new = 0.5 * (new + new.mT)
+        floor = self.ridge * float(new.diagonal().mean().clamp_min(1e-300))
+        if self.cov is None:
+            self.factor, self.diag = _project_low_rank(new, self.factor.shape[1], floor)
+        else:
+            self.cov = new + floor * torch.eye(len(new), dtype=new.dtype, device=new.device)
+
+    def _prior(self, dtype: torch.dtype) -> GaussianPrior:
+        if self.cov is None:
+            return GaussianPrior.low_rank(
+                self.mean.to(dtype), self.factor.to(dtype), self.diag.to(dtype)
+            )
+        return GaussianPrior(self.mean.to(dtype), self.cov.to(dtype))
+
+
+class _MixtureEM(ExpectationMaximization):
+    """Extreme deconvolution: ``weights (K,)``, ``means (K, D)`` and full ``covs (K, D, D)``."""
+
+    def __init__(
+        self, obs: ObservationSet, weights: Tensor, means: Tensor, covs: Tensor, ridge: float
+    ) -> None:
+        super().__init__(obs, ridge)
+        self.weights, self.means, self.covs = weights, means, covs
+
+    def _e_step(self, statistics: bool) -> tuple[float, Any]:
+        k_comp, d = self.means.shape
+        kw = {"dtype": torch.float64, "device": self.means.device}
+        comps = []
+        for k in range(k_comp):
+            vals, vecs = _check_psd_eig(self.covs[k], "covs")
+            comps.append(FullCovariance(self.covs[k], vals, vecs))
+        sum_q = torch.zeros(k_comp, **kw)
+        sum_qb = torch.zeros(k_comp, d, **kw)
+        sum_qbb = torch.zeros(k_comp, d, d, **kw)
+        sum_red = torch.zeros(k_comp, d, d, **kw)
+        total = 0.0
+        for part in self.obs.chunks(factor=2 * k_comp + 2):
+            conds = [condition(self.means[k], comps[k], part) for k in range(k_comp)]
+            logits = torch.stack([c.log_evidence for c in conds], -1) + torch.log(self.weights)
+            total += float(torch.logsumexp(logits, -1).sum())
+            if not statistics:
+                continue
+            q = torch.softmax(logits, -1)  # (b, K)
+            for k, cond in enumerate(conds):
+                shift = cond.mean_shift()  # b_ik - mu_k
+                qk = q[:, k]
+                sum_q[k] += qk.sum()
+                sum_qb[k] += (qk[:, None] * shift).sum(0)
+                sum_qbb[k] += (shift * qk[:, None]).mT @ shift
+                W = (cond.whitened_gain() * qk.sqrt()[:, None, None]).reshape(-1, d)
+                sum_red[k] += W.mT @ W
+        return total, (sum_q, sum_qb, sum_qbb, sum_red)
+
+    def _m_step(self, statistics: Any) -> None:
+        sum_q, sum_qb, sum_qbb, sum_red = statistics
+        n, d = len(self.obs), self.obs.d
+        weights = (sum_q / n).clamp_min(1e-12)
+        self.weights = weights / weights.sum()
+        alive = sum_q > 1e-8 * n  # components with no responsibility keep their parameters
+        nk = sum_q.clamp_min(1e-12)
+        delta = torch.where(alive[:, None], sum_qb / nk[:, None], 0.0)
+        self.means = self.means + delta
+        covs = (
+            self.covs
+            - sum_red / nk[:, None, None]
+            + sum_qbb / nk[:, None, None]
+            - delta.unsqueeze(-1) * delta.unsqueeze(-2)
+        )
+        covs = torch.where(alive[:, None, None], 0.5 * (covs + covs.mT), self.covs)
+        floor = self.ridge * covs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+        eye = torch.eye(d, dtype=covs.dtype, device=covs.device)
+        self.covs = covs + floor[:, None, None] * eye
+
+    def _prior(self, dtype: torch.dtype) -> GaussianMixturePrior:
+        return GaussianMixturePrior(
+            self.weights.to(dtype), self.means.to(dtype), self.covs.to(dtype)
+        )
+
+
+def _device(device: Any, init: Any) -> torch.device:
+    """``device``, else ``init``'s, else the CPU."""
+    if device is not None:
+        return resolve_device(device)
+    return getattr(init, "device", None) or torch.device("cpu")
+
+
+def _low_rank_init(init: GaussianPrior, rank: int) -> tuple[Tensor, Tensor]:
+    """``init``'s factor and diagonal in float64, projected when its rank is not ``rank``."""
+    if init.rank == rank:
+        return init.factor.to(torch.float64), init.diag.to(torch.float64)
+    return _project_low_rank(init.cov_matrix.to(torch.float64), rank, 1e-12)
+
+
+def _gaussian_em(
+    obs: ObservationSet,
+    rank: int | None,
+    random_state: Any,
+    init: GaussianPrior | None,
+    ridge: float,
+    method: str,
+) -> ExpectationMaximization:
+    """The EM run of :func:`fit_gaussian`, started from ``init`` or from the observations."""
+    d, dev = obs.d, obs.y.device
+    if rank is not None and rank > d:
+        raise ValueError(f"rank must be at most n_features = {d}, got {rank}.")
+    if init is not None and (not isinstance(init, GaussianPrior) or init.n_features != d):
+        raise ValueError(f"init must be a GaussianPrior with n_features = {d}.")
+    factor_path = rank is not None and (
+        method == "factor" or (method == "auto" and d > _EXACT_MAX_D)
+    )
+    if init is not None:
+        init = init.to(device=dev)
+        mean = init.mean.to(torch.float64)
+        if rank is None:
+            return _GaussianEM(obs, mean, init.cov_matrix.to(torch.float64), None, None, ridge)
+        factor, diag = _low_rank_init(init, rank)
+    elif factor_path:
+        diagonal = obs.operator.as_diagonal() is not None
+        if diagonal:
+            mean, scale, coverage = _factor_em.diagonal_moments(obs, _factor_em.chunk_rows(d, rank))
+        else:
+            mean, scale = _initial_moments(obs)
+            scale, coverage = scale.expand(d), _factor_em.frobenius_coverage(obs)
+        generator = torch_generator(random_state, dev)
+        factor, diag = _factor_em.initial_factor(
+            obs, mean, scale, coverage, rank, diagonal, generator
+        )
+    else:
+        mean, scale = _initial_moments(obs)
+        if rank is None:
+            eye = torch.eye(d, dtype=torch.float64, device=dev)
+            return _GaussianEM(obs, mean, scale * eye, None, None, ridge)
+        factor = torch.zeros(d, rank, dtype=torch.float64, device=dev)
+        diag = scale.expand(d).clone()
+    if factor_path:
+        return _factor_em.FactorEM(obs, mean, factor, diag, ridge)
+    return _GaussianEM(obs, mean, None, factor, diag, ridge)
+
+
 def fit_gaussian(
     Y: Any,
     operator: Operator,
     n_iter: int = 32,
     rank: int | None = None,
-    generator: Any = None,
+    random_state: Any = 0,
     init: GaussianPrior | None = None,
     *,
     ridge: float = 1e-6,
@@ -155,6 +327,7 @@ def fit_gaussian(
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
     method: str = "auto",
+    generator: Any = None,
 ) -> GaussianPrior | tuple[GaussianPrior, list[float]]:
     r"""Fits a Gaussian prior :math:`\mathcal{N}(\mu, C)` to observations by exact EM.
 
@@ -175,9 +348,10 @@ def fit_gaussian(
         If set, :math:`C` is kept as :math:`F F^\top + \operatorname{diag}(d)` with
         ``F`` of shape ``(D, rank)``, and the result is a :meth:`GaussianPrior.low_rank` prior
         (see ``method``).
-    generator : ``torch.Generator``, int seed, ``numpy.random.RandomState`` or ``None``
+    random_state : int, ``numpy.random.RandomState``, ``torch.Generator`` or None, default 0
         Randomness of the initial subspace of the ``"factor"`` method (a randomized range
-        finder); ``None`` uses a fixed seed, so the fit is deterministic. Unused otherwise.
+        finder), with scikit-learn's semantics (``None``: NumPy's global random state); the
+        default seed makes the fit deterministic. Unused otherwise.
     init : GaussianPrior or None
         Starting prior. By default the least-squares mean of the observations and an isotropic
         covariance matching their spread (plus, for the ``"factor"`` method, a factor spanning
@@ -187,13 +361,13 @@ def fit_gaussian(
         Relative floor added to the covariance diagonal, :math:`\text{ridge} \cdot
         \operatorname{tr}(C) / D`.
     tol : float
-        Stop early when the mean log-evidence improves by less than ``tol``.
+        Stop early when the mean log-evidence improves by less than ``tol`` (``0``: run
+        ``n_iter`` iterations).
     device, dtype
         Where to compute (default: ``init``'s device, else CPU) and the dtype of the returned
         prior's parameters.
     return_history : bool
-        Also return the mean log-evidences, ``history[k]`` being that of the prior after ``k``
-        iterations.
+        Also return ``history_``.
     method : {"auto", "exact", "factor"}
         ``"exact"``: dense EM on the full covariance (then projected onto rank ``r`` when
         ``rank`` is set); :math:`D \times D` matrices, for moderate ``D``. ``"factor"`` (needs
@@ -201,180 +375,29 @@ def fit_gaussian(
         array, :math:`O(n D r^2)` per iteration through Identity and Mask operators (Woodbury
         identity, determinant lemma), :math:`O(n (M^2 D + M^3))` through the others; see
         :mod:`diffem.priors._factor_em`. ``"auto"``: ``"factor"`` when ``rank`` is set and
-        ``D > 64``, else ``"exact"`` (cheap at that size, and unchanged from earlier versions).
+        ``D > 64``, else ``"exact"``.
+    generator : same as ``random_state``, optional
+        The former name of ``random_state``; when given, it is used instead.
 
     Returns
     -------
     prior : GaussianPrior
-        Its ``history_`` attribute holds the per-iteration mean log-evidences.
+        With ``history_`` (the mean log-evidence after ``k`` iterations at index ``k``),
+        ``n_iter_`` (iterations run), ``converged_`` (stopped by ``tol``) and ``lower_bound_``
+        (the mean log-evidence of ``prior``, as in scikit-learn's mixtures).
     history : list of float, only with ``return_history=True``
     """
-    n_iter = check_n(n_iter, "n_iter") if n_iter != 0 else 0
-    if rank is not None:
-        rank = check_n(rank, "rank")
+    random_state = random_state if generator is None else generator
+    n_iter = check_int(n_iter, "n_iter", 0)
+    rank = check_int(rank, "rank", 1, allow_none=True)
+    ridge, tol = check_number(ridge, "ridge", 0.0), check_number(tol, "tol", 0.0)
     if method not in ("auto", "exact", "factor"):
         raise ValueError(f"method must be 'auto', 'exact' or 'factor', got {method!r}.")
     if method == "factor" and rank is None:
         raise ValueError("method='factor' needs a rank (a positive integer), got rank=None.")
-    dev = _resolve_device(device, init)
-    obs = _observation_set(Y, operator, dev)
-    d = obs.d
-    if rank is not None and rank > d:
-        raise ValueError(f"rank must be at most n_features = {d}, got {rank}.")
-    if rank is not None and (method == "factor" or (method == "auto" and d > _EXACT_MAX_D)):
-        return _fit_factor(
-            obs, n_iter, rank, generator, init, ridge, tol, dev, dtype, return_history
-        )
-    eye = torch.eye(d, dtype=torch.float64, device=dev)
-
-    if init is not None:
-        if not isinstance(init, GaussianPrior) or init.n_features != d:
-            raise ValueError(f"init must be a GaussianPrior with n_features = {d}.")
-        mean = init.mean.to(dtype=torch.float64, device=dev)
-        if rank is None:
-            cov_full = init.cov_matrix.to(dtype=torch.float64, device=dev)
-        elif init.rank is not None and init.rank == rank:
-            factor = init.factor.to(dtype=torch.float64, device=dev)
-            diag = init.diag.to(dtype=torch.float64, device=dev)
-        else:
-            factor, diag = _project_low_rank(
-                init.cov_matrix.to(dtype=torch.float64, device=dev), rank, 1e-12
-            )
-    else:
-        mean, scale = _initial_moments(obs)
-        if rank is None:
-            cov_full = scale * eye
-        else:
-            factor = torch.zeros(d, rank, dtype=torch.float64, device=dev)
-            diag = scale.expand(d).clone()
-
-    def structure() -> Covariance:
-        if rank is None:
-            vals, vecs = _check_psd_eig(cov_full, "cov")
-            return FullCovariance(cov_full, vals, vecs)
-        return LowRankCovariance(factor, diag)
-
-    history: list[float] = []
-    n = len(obs)
-    for iteration in range(n_iter + 1):
-        cov = structure()
-        sum_dev = torch.zeros(d, dtype=torch.float64, device=dev)
-        sum_outer = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        sum_reduction = torch.zeros(d, d, dtype=torch.float64, device=dev)
-        total_logev = 0.0
-        for part in obs.chunks(factor=4):
-            cond = condition(mean, cov, part)
-            total_logev += float(cond.log_evidence.sum())
-            if iteration == n_iter:
-                continue
-            dev_i = cond.mean_shift()  # m_i - mu, (b, D)
-            sum_dev += dev_i.sum(0)
-            sum_outer += dev_i.mT @ dev_i
-            W = torch.linalg.solve_triangular(
-                cond.L, cond.AC.expand(len(part), -1, -1), upper=False
-            )  # (b, M, D); C A^T S^{-1} A C = W^T W
-            W = W.reshape(-1, d)
-            sum_reduction += W.mT @ W
-        history.append(total_logev / n)
-        if iteration == n_iter or (iteration > 0 and tol > 0 and history[-1] - history[-2] < tol):
-            break
-        delta = sum_dev / n
-        mean = mean + delta
-        new_cov = cov.dense() - sum_reduction / n + sum_outer / n - torch.outer(delta, delta)
-        new_cov = 0.5 * (new_cov + new_cov.mT)
-        floor = ridge * float(new_cov.diagonal().mean().clamp_min(1e-300))
-        if rank is None:
-            cov_full = new_cov + floor * eye
-        else:
-            factor, diag = _project_low_rank(new_cov, rank, floor)
-
-    if rank is None:
-        prior = GaussianPrior(mean.to(dtype), cov_full.to(dtype))
-    else:
-        prior = GaussianPrior.low_rank(mean.to(dtype), factor.to(dtype), diag.to(dtype))
-    prior.history_ = history
-    if return_history:
-        return prior, history
-    return prior
-
-
-def _fit_factor(
-    obs: ObservationSet,
-    n_iter: int,
-    rank: int,
-    generator: Any,
-    init: GaussianPrior | None,
-    ridge: float,
-    tol: float,
-    dev: torch.device,
-    dtype: torch.dtype,
-    return_history: bool,
-) -> GaussianPrior | tuple[GaussianPrior, list[float]]:
-    """The ``"factor"`` method of :func:`fit_gaussian` (see :mod:`diffem.priors._factor_em`)."""
-    d, n = obs.d, len(obs)
-    diagonal = obs.operator.as_diagonal() is not None
-    if init is not None:
-        if not isinstance(init, GaussianPrior) or init.n_features != d:
-            raise ValueError(f"init must be a GaussianPrior with n_features = {d}.")
-        mean = init.mean.to(dtype=torch.float64, device=dev)
-        if init.rank is not None and init.rank == rank:
-            factor = init.factor.to(dtype=torch.float64, device=dev)
-            diag = init.diag.to(dtype=torch.float64, device=dev)
-        else:
-            factor, diag = _project_low_rank(
-                init.cov_matrix.to(dtype=torch.float64, device=dev), rank, 1e-12
-            )
-    else:
-        gen = make_generator(generator, dev)
-        if gen is None:
-            gen = torch.Generator(device=dev)
-            gen.manual_seed(0)
-        if diagonal:
-            rows = _factor_em.chunk_rows(d, rank)
-            mean, scale, coverage = _factor_em.diagonal_moments(obs, rows)
-        else:
-            mean, scale = _initial_moments(obs)
-            scale = scale.expand(d)
-            coverage = _factor_em.frobenius_coverage(obs)
-        factor, diag = _factor_em.initial_factor(obs, mean, scale, coverage, rank, diagonal, gen)
-
-    estep = _factor_em.estep_diagonal if diagonal else _factor_em.estep_dense
-    history: list[float] = []
-    for iteration in range(n_iter + 1):
-        stats = _factor_em.Statistics(d, rank, dev) if iteration < n_iter else None
-        history.append(estep(obs, mean, factor, diag, stats) / n)
-        if iteration == n_iter or (iteration > 0 and tol > 0 and history[-1] - history[-2] < tol):
-            break
-        mean, factor, diag = _factor_em.mstep(stats, ridge)
-
-    factor = _factor_em.canonical_factor(factor)
-    prior = GaussianPrior.low_rank(mean.to(dtype), factor.to(dtype), diag.to(dtype))
-    prior.history_ = history
-    if return_history:
-        return prior, history
-    return prior
-
-
-def _kmeans_pp(points: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
-    """k-means++ seeding (Arthur & Vassilvitskii, 2007) followed by a few Lloyd iterations."""
-    n = points.shape[0]
-    idx = int(rand((1,), generator, points.dtype, points.device).item() * n) % n
-    centers = [points[idx]]
-    dist = ((points - centers[0]) ** 2).sum(-1)
-    for _ in range(1, k):
-        probs = dist / dist.sum().clamp_min(1e-300)
-        u = rand((1,), generator, points.dtype, points.device)
-        idx = int(torch.searchsorted(probs.cumsum(0), u).clamp_max(n - 1).item())
-        centers.append(points[idx])
-        dist = torch.minimum(dist, ((points - centers[-1]) ** 2).sum(-1))
-    centers_t = torch.stack(centers)
-    for _ in range(10):
-        labels = torch.cdist(points, centers_t).argmin(-1)
-        for j in range(k):
-            members = points[labels == j]
-            if members.shape[0]:
-                centers_t[j] = members.mean(0)
-    return centers_t
+    obs = ObservationSet(Y, operator, None, _device(device, init))
+    prior = _gaussian_em(obs, rank, random_state, init, ridge, method).fit(n_iter, tol, dtype)
+    return (prior, prior.history_) if return_history else prior
 
 
 def fit_gaussian_mixture(
@@ -382,7 +405,7 @@ def fit_gaussian_mixture(
     operator: Operator,
     n_components: int,
     n_iter: int = 100,
-    generator: Any = None,
+    random_state: Any = None,
     *,
     init: GaussianMixturePrior | None = None,
     ridge: float = 1e-6,
@@ -390,6 +413,7 @@ def fit_gaussian_mixture(
     device: Any = None,
     dtype: torch.dtype = torch.float32,
     return_history: bool = False,
+    generator: Any = None,
 ) -> GaussianMixturePrior | tuple[GaussianMixturePrior, list[float]]:
     r"""Fits a Gaussian mixture prior by extreme deconvolution (Bovy, Hogg & Roweis, 2011).
 
@@ -405,33 +429,34 @@ def fit_gaussian_mixture(
         ``K``.
     n_iter : int
         Number of EM iterations.
-    generator : ``torch.Generator``, int seed, ``numpy.random.RandomState`` or ``None``
-        Randomness of the initialisation.
+    random_state : int, ``numpy.random.RandomState``, ``torch.Generator`` or None
+        Randomness of the initial means (k-means++), with scikit-learn's semantics.
     init : GaussianMixturePrior or None
-        Starting mixture. By default: a Gaussian fitted by :func:`fit_gaussian`, k-means++
-        centres of its posterior means as component means, its covariance for every component
-        and uniform weights.
+        Starting mixture. By default: a Gaussian fitted by :func:`fit_gaussian`, the centres of
+        a k-means++ clustering (scikit-learn's :class:`~sklearn.cluster.KMeans`, 10 Lloyd
+        iterations) of its posterior means as component means, its covariance for every
+        component and uniform weights.
     ridge : float
         Relative ridge :math:`\text{ridge} \cdot \operatorname{tr}(C) / D` added to every
         component covariance (prevents collapse).
     tol : float
         Stop early when the mean log-evidence improves by less than ``tol``.
-    device, dtype, return_history
+    device, dtype, return_history, generator
         As in :func:`fit_gaussian`.
 
     Returns
     -------
     prior : GaussianMixturePrior
-        Its ``history_`` attribute holds the per-iteration mean log-evidences.
+        With ``history_``, ``n_iter_``, ``converged_`` and ``lower_bound_`` as in
+        :func:`fit_gaussian`.
     """
-    k_comp = check_n(n_components, "n_components")
-    n_iter = check_n(n_iter, "n_iter") if n_iter != 0 else 0
-    dev = _resolve_device(device, init)
-    gen = make_generator(generator, dev)
-    obs = _observation_set(Y, operator, dev)
-    d, n = obs.d, len(obs)
-    eye = torch.eye(d, dtype=torch.float64, device=dev)
-
+    random_state = random_state if generator is None else generator
+    k_comp = check_int(n_components, "n_components", 1)
+    n_iter = check_int(n_iter, "n_iter", 0)
+    ridge, tol = check_number(ridge, "ridge", 0.0), check_number(tol, "tol", 0.0)
+    dev = _device(device, init)
+    obs = ObservationSet(Y, operator, None, dev)
+    d = obs.d
     if init is not None:
         if not isinstance(init, GaussianMixturePrior) or init.n_features != d:
             raise ValueError(f"init must be a GaussianMixturePrior with n_features = {d}.")
@@ -440,70 +465,17 @@ def fit_gaussian_mixture(
         means = init.means.to(dtype=torch.float64, device=dev)
         covs = init.cov_matrices.to(dtype=torch.float64, device=dev)
     else:
-        gauss = fit_gaussian(Y, operator, n_iter=10, device=dev, dtype=torch.float64)
+        gauss = _gaussian_em(obs, None, 0, None, 1e-6, "exact").fit(10, 0.0, torch.float64)
+        mean, cov = gauss._f64()
         post_means = torch.cat(
-            [
-                gauss.mean.to(dev) + condition(*gauss._f64(), part).mean_shift()
-                for part in obs.chunks(factor=3)
-            ]
+            [mean + condition(mean, cov, part).mean_shift() for part in obs.chunks(factor=3)]
         )
-        means = _kmeans_pp(post_means, k_comp, gen)
+        kmeans = KMeans(
+            k_comp, n_init=1, max_iter=10, random_state=numpy_random_state(random_state)
+        )
+        centres = kmeans.fit(post_means.cpu().numpy()).cluster_centers_
+        means = torch.as_tensor(centres, dtype=torch.float64, device=dev)
         weights = torch.full((k_comp,), 1.0 / k_comp, dtype=torch.float64, device=dev)
-        covs = gauss.covariance.to(dev).expand(k_comp, -1, -1).clone()
-
-    history: list[float] = []
-    for iteration in range(n_iter + 1):
-        comps = []
-        for k in range(k_comp):
-            vals, vecs = _check_psd_eig(covs[k], "covs")
-            comps.append(FullCovariance(covs[k], vals, vecs))
-        sum_q = torch.zeros(k_comp, dtype=torch.float64, device=dev)
-        sum_qb = torch.zeros(k_comp, d, dtype=torch.float64, device=dev)
-        sum_qbb = torch.zeros(k_comp, d, d, dtype=torch.float64, device=dev)
-        sum_red = torch.zeros(k_comp, d, d, dtype=torch.float64, device=dev)
-        total_logev = 0.0
-        for part in obs.chunks(factor=2 * k_comp + 2):
-            conds = [condition(means[k], comps[k], part) for k in range(k_comp)]
-            logits = torch.stack([c.log_evidence for c in conds], -1) + torch.log(weights)
-            total_logev += float(torch.logsumexp(logits, -1).sum())
-            if iteration == n_iter:
-                continue
-            q = torch.softmax(logits, -1)  # (b, K)
-            for k, cond in enumerate(conds):
-                shift = cond.mean_shift()  # b_ik - mu_k
-                qk = q[:, k]
-                sum_q[k] += qk.sum()
-                sum_qb[k] += (qk[:, None] * shift).sum(0)
-                sum_qbb[k] += (shift * qk[:, None]).mT @ shift
-                W = (
-                    torch.linalg.solve_triangular(
-                        cond.L, cond.AC.expand(len(part), -1, -1), upper=False
-                    )
-                    * qk.sqrt()[:, None, None]
-                )
-                W = W.reshape(-1, d)
-                sum_red[k] += W.mT @ W
-        history.append(total_logev / n)
-        if iteration == n_iter or (iteration > 0 and tol > 0 and history[-1] - history[-2] < tol):
-            break
-        weights = (sum_q / n).clamp_min(1e-12)
-        weights = weights / weights.sum()
-        alive = sum_q > 1e-8 * n  # components with no responsibility keep their parameters
-        nk = sum_q.clamp_min(1e-12)
-        delta = torch.where(alive[:, None], sum_qb / nk[:, None], 0.0)
-        means = means + delta
-        new_covs = (
-            covs
-            - sum_red / nk[:, None, None]
-            + sum_qbb / nk[:, None, None]
-            - delta.unsqueeze(-1) * delta.unsqueeze(-2)
-        )
-        new_covs = torch.where(alive[:, None, None], 0.5 * (new_covs + new_covs.mT), covs)
-        floor = ridge * new_covs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-        covs = new_covs + floor[:, None, None] * eye
-
-    prior = GaussianMixturePrior(weights.to(dtype), means.to(dtype), covs.to(dtype))
-    prior.history_ = history
-    if return_history:
-        return prior, history
-    return prior
+        covs = gauss.covariance.expand(k_comp, -1, -1).clone()
+    prior = _MixtureEM(obs, weights, means, covs, ridge).fit(n_iter, tol, dtype)
+    return (prior, prior.history_) if return_history else prior

@@ -36,20 +36,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffem._validation import as_float_tensor, check_finite
 from diffem.operators.base import Operator
 from diffem.priors._common import (
     Covariance,
     FullCovariance,
     LowRankCovariance,
-    as_float_tensor,
     as_sigma,
-    check_finite,
-    check_n,
     check_x_t,
     condition,
-    make_generator,
     matheron,
-    to_numpy,
 )
 from diffem.priors.base import AnalyticPrior
 
@@ -185,14 +181,6 @@ class GaussianPrior(AnalyticPrior):
         return None if self.factor is None else self.factor.shape[1]
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.mean.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    @property
     def cov_matrix(self) -> Tensor:
         """The dense covariance :math:`C`, shape ``(D, D)``, in ``dtype``."""
         if self.covariance is not None:
@@ -274,18 +262,9 @@ class GaussianPrior(AnalyticPrior):
     # ------------------------------------------------------------------ sampling
     def _sample_torch(self, n_samples: int = 1, generator: Any = None) -> Tensor:
         """Prior samples ``(n_samples, D)`` in ``dtype``."""
-        n_samples = check_n(n_samples, "n_samples")
-        gen = make_generator(generator, self.device)
+        n_samples, gen = self._sampling_args(n_samples, generator)
         mean, cov = self._f64()
         return (mean + cov.sample(n_samples, gen, self.device)).to(self.dtype)
-
-    def sample(self, n_samples: int = 1, generator: Any = None):
-        r"""Draws ``x ~ N(mu, C)``; returns a NumPy array ``(n_samples, D)``.
-
-        ``generator`` is a ``torch.Generator``, an int seed, a ``numpy.random.RandomState`` or
-        ``None``.
-        """
-        return to_numpy(self._sample_torch(n_samples, generator), self.dtype)
 
     # ------------------------------------------------------------------ posteriors
     def _posterior_torch(
@@ -309,8 +288,7 @@ class GaussianPrior(AnalyticPrior):
         self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
     ) -> Tensor:
         """Exact posterior samples ``(n, n_samples, D)`` in ``dtype`` (Matheron's rule)."""
-        n_samples = check_n(n_samples, "n_samples")
-        gen = make_generator(generator, self.device)
+        n_samples, gen = self._sampling_args(n_samples, generator)
         obs = self._observations(Y, operator)
         mean, cov = self._f64()
         out = []
@@ -321,33 +299,3 @@ class GaussianPrior(AnalyticPrior):
             draws = matheron(mean, cov, cond, part, rows, gen).reshape(b, n_samples, -1)
             out.append(draws.to(self.dtype))
         return torch.cat(out)
-
-    def sample_posterior(
-        self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
-    ):
-        r"""Exact samples of :math:`p(x \mid y_i)`, NumPy ``(n, n_samples, D)``.
-
-        Matheron's rule (Wilson et al., 2020): with :math:`x \sim \mathcal{N}(\mu, C)` and
-        :math:`e \sim \mathcal{N}(0, \Sigma_y)`,
-        :math:`x + C A^\top (A C A^\top + \Sigma_y)^{-1} (y - A x - e)`.
-
-        Parameters
-        ----------
-        Y : array ``(n, M)``; unobserved (pinned) entries are ignored
-        operator : :class:`~diffem.operators.Operator` of batch ``n`` or 1
-        n_samples : int
-        generator : ``torch.Generator``, int seed, ``numpy.random.RandomState`` or ``None``
-        """
-        return to_numpy(self._sample_posterior_torch(Y, operator, n_samples, generator), self.dtype)
-
-    def posterior_mean(self, Y: Any, operator: Operator):
-        r""":math:`E[x \mid y_i] = \mu + C A^\top (A C A^\top + \Sigma_y)^{-1} (y_i - A\mu)`,
-        NumPy ``(n, D)``."""
-        return to_numpy(self._posterior_mean_torch(Y, operator), self.dtype)
-
-    def log_evidence(self, Y: Any, operator: Operator):
-        r""":math:`\log \mathcal{N}(y_i; A\mu, A C A^\top + \Sigma_y)` over the observed entries,
-        NumPy ``(n,)``."""
-        return to_numpy(self._log_evidence_torch(Y, operator), self.dtype)
-
-    # ------------------------------------------------------------------ device, pickling

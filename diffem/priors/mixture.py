@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffem._validation import as_float_tensor, check_finite
 from diffem.operators.base import Operator
 from diffem.priors._common import (
     Covariance,
@@ -32,13 +33,9 @@ from diffem.priors._common import (
     FullCovariance,
     Observations,
     ObservationSet,
-    as_float_tensor,
     as_sigma,
-    check_finite,
-    check_n,
     check_x_t,
     condition,
-    make_generator,
     matheron,
     rand,
     to_numpy,
@@ -119,14 +116,6 @@ class GaussianMixturePrior(AnalyticPrior):
     def n_components(self) -> int:
         """``K``."""
         return self.means.shape[0]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.means.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.means.device
 
     @property
     def cov_matrices(self) -> Tensor:
@@ -295,8 +284,7 @@ class GaussianMixturePrior(AnalyticPrior):
     # ------------------------------------------------------------------ sampling
     def _sample_torch(self, n_samples: int = 1, generator: Any = None) -> Tensor:
         """Prior samples ``(n_samples, D)`` in ``dtype``."""
-        n_samples = check_n(n_samples, "n_samples")
-        gen = make_generator(generator, self.device)
+        n_samples, gen = self._sampling_args(n_samples, generator)
         weights = self.weights.to(torch.float64)
         labels = _categorical(weights.expand(n_samples, -1), gen)
         out = torch.empty(n_samples, self.n_features, dtype=torch.float64, device=self.device)
@@ -305,10 +293,6 @@ class GaussianMixturePrior(AnalyticPrior):
             if idx.numel():
                 out[idx] = mean + cov.sample(idx.numel(), gen, self.device)
         return out.to(self.dtype)
-
-    def sample(self, n_samples: int = 1, generator: Any = None):
-        """Draws from the mixture; NumPy ``(n_samples, D)``."""
-        return to_numpy(self._sample_torch(n_samples, generator), self.dtype)
 
     # ------------------------------------------------------------------ posteriors
     def _chunks(self, obs: ObservationSet, extra: int = 0):
@@ -341,8 +325,7 @@ class GaussianMixturePrior(AnalyticPrior):
         self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
     ) -> Tensor:
         """Exact posterior samples ``(n, n_samples, D)`` in ``dtype``."""
-        n_samples = check_n(n_samples, "n_samples")
-        gen = make_generator(generator, self.device)
+        n_samples, gen = self._sampling_args(n_samples, generator)
         obs = self._observations(Y, operator)
         out = []
         for part in self._chunks(obs, extra=n_samples):
@@ -361,35 +344,15 @@ class GaussianMixturePrior(AnalyticPrior):
             out.append(draws.reshape(b, n_samples, -1).to(self.dtype))
         return torch.cat(out)
 
-    def sample_posterior(
-        self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
-    ):
-        r"""Exact samples of :math:`p(x \mid y_i)`, NumPy ``(n, n_samples, D)``.
-
-        A component is drawn with probability
-        :math:`\propto w_k \mathcal{N}(y_i; A_i\mu_k, A_i C_k A_i^\top + \Sigma_i)`, then a sample
-        of that component's Gaussian posterior by Matheron's rule (Wilson et al., 2020).
-        """
-        return to_numpy(self._sample_posterior_torch(Y, operator, n_samples, generator), self.dtype)
-
-    def posterior_mean(self, Y: Any, operator: Operator):
-        r""":math:`E[x \mid y_i]`, NumPy ``(n, D)``."""
-        return to_numpy(self._posterior_mean_torch(Y, operator), self.dtype)
-
-    def log_evidence(self, Y: Any, operator: Operator):
-        r""":math:`\log \sum_k w_k \mathcal{N}(y_i; A_i\mu_k, A_i C_k A_i^\top + \Sigma_i)` over the
-        observed entries, NumPy ``(n,)``."""
-        return to_numpy(self._log_evidence_torch(Y, operator), self.dtype)
-
     def posterior_weights(self, Y: Any, operator: Operator):
         r"""Posterior component probabilities :math:`p(k \mid y_i)`, NumPy ``(n, K)``."""
         return to_numpy(self._posterior_torch(Y, operator)[2], self.dtype)
 
-    # ------------------------------------------------------------------ device, pickling
-
 
 def _categorical(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     """One draw per row of ``probs`` ``(B, K)``, by inverse CDF on uniforms."""
+    # torch.multinomial(probs, 1) draws the same, 4 to 7 times slower on a CPU thread: 127 ms
+    # against 32 ms for 10^6 rows of 3 classes, 46 ms against 7 ms for 10^5 rows of 16.
     u = rand((probs.shape[0], 1), generator, probs.dtype, probs.device)
     cdf = probs.cumsum(-1)
     cdf = cdf / cdf[:, -1:]

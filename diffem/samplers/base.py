@@ -12,28 +12,8 @@ Randomness is drawn from ``generator`` for all ``n`` rows at once, step by step,
 denoiser runs on chunks of ``batch_size`` rows: samples do not depend on ``batch_size``, and no
 autograd graph outlives its chunk.
 
-Accuracy of the solvers with an exact denoiser on the default schedule
-:math:`\sigma \in [10^{-3}, 10^2]`. *1-D*: final variance over the true one of a 1-D Gaussian
-prior. *prior*: :math:`\lVert S - I \rVert_F` of 2000 whitened samples of :class:`Unconditional`
-from the ``D = 16`` Gaussian prior of the tests (sampling noise alone: about 0.37). *mask*,
-*dense*: the same for 1000 samples of :class:`~diffem.samplers.MMPS` (``cg_iter=16``, so the
-guided denoiser is exact) from the tests' Gaussian posteriors (sampling noise alone: about
-0.52). *evals*: (guided) denoiser evaluations per sample.
-
-========= === ===== ===== ===== ===== ===== =====
-solver    eta steps evals 1-D   prior mask  dense
-========= === ===== ===== ===== ===== ===== =====
-ancestral 1   32    32    0.706 1.21  1.25  1.26
-ancestral 1   64    64    0.838 0.72  0.78  0.79
-ancestral 1   128   128   0.915 0.47  0.58  0.60
-ancestral 0   64    64    0.913 0.45  0.55  0.56
-heun      0   32    63    1.038 0.43  0.57  0.59
-heun      1   32    63    1.057 0.41  0.57  0.58
-dpmpp_2m  0   32    32    1.016 0.39  0.54  0.55
-dpmpp_2m  0   64    64    1.004 0.37  0.52  0.53
-dpmpp_2m  1   32    32    1.042 0.38  0.53  0.52
-dpmpp_2m  1   64    64    1.011 0.36  0.53  0.58
-========= === ===== ===== ===== ===== ===== =====
+The accuracy of the solvers with an exact denoiser is tabulated in the documentation
+(*Benchmarks*, "Solver accuracy with an exact denoiser").
 """
 
 from __future__ import annotations
@@ -41,7 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import KW_ONLY, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sklearn.base import BaseEstimator
@@ -49,11 +29,11 @@ from torch import Tensor
 
 from diffem._validation import check_int, check_number
 from diffem.operators.base import Operator
-from diffem.samplers.guidance import Denoiser, Guidance, Stats
+from diffem.samplers.guidance import Denoiser, Guidance, Stats, fallback
 from diffem.samplers.solvers import SOLVERS, integrate
 from diffem.schedule import VESchedule
 
-__all__ = ["SOLVERS", "PosteriorSampler", "Sampler"]
+__all__ = ["SOLVERS", "PosteriorSampler", "Sampler", "repeat_rows"]
 
 
 def sampler_class(cls: type) -> type:
@@ -252,8 +232,10 @@ class PosteriorSampler(Sampler):
         Y: Tensor,
         operator: Operator,
         generator: torch.Generator | None = None,
+        *,
+        n_samples: int | None = None,
     ) -> Tensor:
-        r"""One posterior sample per observation, :math:`x_i \sim q(x \mid y_i)`.
+        r"""Posterior samples :math:`x_i \sim q(x \mid y_i)`, one per observation by default.
 
         Parameters
         ----------
@@ -266,18 +248,41 @@ class PosteriorSampler(Sampler):
             Batch of ``n`` (or 1, shared) observation operators.
         generator : torch.Generator, optional
             Source of all randomness.
+        n_samples : int, optional
+            Samples per observation (independent chains, except for :class:`SMC`, which draws
+            them from one particle system per observation).
 
         Returns
         -------
-        Tensor, shape ``(n, D)``, dtype and device of ``Y``, without autograd graph.
+        Tensor of shape ``(n, D)``, or ``(n, n_samples, D)`` when ``n_samples`` is given, dtype
+        and device of ``Y``, without autograd graph.
         """
         self._validate()
+        if n_samples is not None:
+            check_int(n_samples, "n_samples", 1)
         Y, operator = check_posterior_inputs(denoiser, Y, operator)
-        guidance = self.guidance()
         start = time.perf_counter()
+        stats: Stats = {"fallback": []}
+        S = 1 if n_samples is None else int(n_samples)
+        x = self._draw(Problem(denoiser, Y, operator), generator, S, stats)
+        self.diagnostics_ = summarise(stats, time.perf_counter() - start)
+        self.diagnostics_["evaluations"] = float(self.evaluations_)
+        self.diagnostics_.update(self._diagnostics())
+        return (x[:, 0] if n_samples is None else x).detach()
+
+    def _diagnostics(self) -> dict[str, float]:
+        """Diagnostics of the last call beyond the guidance's."""
+        return {}
+
+    def _draw(
+        self, problem: Problem, generator: torch.Generator | None, n_samples: int, stats: Stats
+    ) -> Tensor:
+        """``n_samples`` independent chains per observation: ``(n, n_samples, D)``."""
+        denoiser, n = problem.denoiser, problem.Y.shape[0]
+        Y, operator = repeat_rows(problem.Y, problem.operator, n_samples)
+        guidance = self.guidance()
         chunks = self._chunks(Y.shape[0])
         ops = [operator if len(operator) == 1 else operator[c] for c in chunks]
-        stats: Stats = {"fallback": []}
         warm: dict[int, Tensor] = {}  # each chunk's last solution, with warm_start
 
         def mean_fn(x_t: Tensor, sigma: Tensor, weight: Tensor | None, k: int) -> Tensor:
@@ -285,11 +290,25 @@ class PosteriorSampler(Sampler):
             guided = guidance(denoiser, x_t, sigma, weight, Y[chunks[k]], ops[k], stats, start)
             if guided.solution is not None:
                 warm[k] = guided.solution
-            bad = ~torch.isfinite(guided.delta).all(dim=-1, keepdim=True)
-            stats["fallback"].append(bad.to(x_t.dtype).flatten())
-            return guided.x_hat + torch.where(bad, 0.0, guided.delta)
+            return guided.x_hat + fallback(guided.delta, stats)
 
         x = self._run(mean_fn, Y.shape[0], operator.n_features, Y.dtype, Y.device, generator)
-        self.diagnostics_ = summarise(stats, time.perf_counter() - start)
-        self.diagnostics_["evaluations"] = float(self.evaluations_)
-        return x.detach()
+        return x.view(n, n_samples, -1)
+
+
+class Problem(NamedTuple):
+    """A posterior to sample: the prior's ``denoiser`` and observations ``Y`` ``(n, M)`` of
+    ``operator`` (validated, :func:`check_posterior_inputs`)."""
+
+    denoiser: Denoiser
+    Y: Tensor
+    operator: Operator
+
+
+def repeat_rows(Y: Tensor, operator: Operator, repeats: int) -> tuple[Tensor, Operator]:
+    """Each row of ``Y`` ``(n, M)`` and of a per-sample ``operator`` repeated ``repeats`` times
+    in place (row ``i`` becomes rows ``i * repeats`` to ``(i + 1) * repeats - 1``)."""
+    if repeats == 1:
+        return Y, operator
+    rows = torch.arange(Y.shape[0], device=Y.device).repeat_interleave(repeats)
+    return Y[rows], operator if len(operator) == 1 else operator[rows.cpu()]

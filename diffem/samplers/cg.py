@@ -34,8 +34,9 @@ Safeguard. Every element carries an *active* flag and every division is guarded:
    :math:`p^\top \Sigma_y p + \tilde\rho \lVert w \rVert^2`, where :math:`\tilde\rho` is a
    plausible positive value. A flagged element takes that one step and then stops, since
    conjugacy is lost (as in truncated CG, Steihaug 1983).
-   Without a safeguard, an element with :math:`\kappa_k \le 0` (or a non-finite product) stops
-   *before* stepping.
+   Without a safeguard, an element with :math:`\kappa_k \le 0` stops *before* stepping; an
+   element whose product :math:`M p_k` (or :math:`B p_k`, below) is not finite always does, so
+   that :math:`u`, the residual and the image stay consistent.
 2. **Convergence.** An element stops once :math:`\lVert r_k \rVert \le \text{rtol}\,
    \lVert b \rVert`; its search direction is zeroed, so later products cost nothing numerically
    and cannot create ``NaN``.
@@ -44,14 +45,18 @@ Safeguard. Every element carries an *active* flag and every division is guarded:
    (overflow) is rejected and the element stops.
 
 All reductions are per element (over the last dimension), so a non-finite product in one element
-never reaches another.
+never reaches another. A product :math:`M p` with a non-finite entry is detected through its
+curvature :math:`p^\top M p`, which is then non-finite too; an element that does not step has
+:math:`\alpha = 0`, so the updates need no per-element selection on the common path.
 
 Image of the solution. When ``matvec`` returns a pair :math:`(M p, B p)` for a second linear map
 :math:`B`, CG also accumulates :math:`B u = \sum_k \alpha_k B p_k` with its own step sizes, at
 no extra product. MMPS uses it for the guidance :math:`\sigma_t^2 J^\top A^\top u`: with
 :math:`M = \Sigma_y + A \sigma_t^2 J^\top A^\top` each product already computes
 :math:`B p = \sigma_t^2 J^\top A^\top p`, so ``k`` iterations cost ``k`` vector-Jacobian
-products instead of ``k + 1``.
+products instead of ``k + 1``. CG also returns its residual vector :math:`r = b - M u`; for
+:math:`M = \Sigma_y + A B` it gives :math:`A (B u) = b - r - \Sigma_y u` without another
+product.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from diffem.samplers._rows import dot, finite_rows
 
 __all__ = ["CGResult", "conjugate_gradient"]
 
@@ -78,10 +85,9 @@ class CGResult(NamedTuple):
     """``(B,)`` bool: whether a curvature safeguard stopped the element."""
     image: Tensor | None = None
     """``(B, n)`` :math:`B u` when ``matvec`` returns ``(M p, B p)``, else ``None``."""
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a, b)
+    remainder: Tensor | None = None
+    """``(B, m)`` the residual vector :math:`b - M u` as CG tracks it (``sum_k alpha_k M p_k``
+    subtracted from ``b``; rows with a non-finite ``b`` are treated as ``b = 0``)."""
 
 
 def conjugate_gradient(
@@ -100,7 +106,7 @@ def conjugate_gradient(
         ``p -> M p`` on ``(B, m)`` tensors, row by row, or ``p -> (M p, B p)`` with ``B p`` of
         shape ``(B, n)``, whose image ``B u`` of the solution is then accumulated.
     b : Tensor, shape ``(B, m)``
-        Right-hand sides.
+        Right-hand sides; rows that are not finite are solved as ``b = 0``.
     max_iter : int
         Maximum number of iterations (products with :math:`M`).
     rtol : float
@@ -115,69 +121,74 @@ def conjugate_gradient(
     -------
     CGResult
         ``solution (B, m)``, ``residual (B,)``, ``iterations (B,)``, ``safeguarded (B,)``,
-        ``image (B, n)`` or ``None``.
+        ``image (B, n)`` or ``None``, ``remainder (B, m)``.
     """
     if b.ndim != 2:
         raise ValueError(f"b must have shape (B, m), got {tuple(b.shape)}.")
-    finite_b = torch.isfinite(b).all(dim=-1, keepdim=True)
-    b = torch.where(finite_b, b, torch.zeros_like(b))
+    bb = dot(b, b)
+    finite_b = torch.isfinite(bb)
+    if not bool(finite_b.all()):
+        b = torch.where(finite_b.unsqueeze(-1), b, 0.0)
+        bb = torch.where(finite_b, bb, 0.0)
     u = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
-    rr = _dot(r, r)
-    tol2 = (rtol**2) * rr
+    r, p, rr = b, b, bb
+    tol2 = (rtol**2) * bb if rtol > 0 else torch.zeros_like(bb)
     active = rr > tol2
-    if not (rtol > 0):
-        active = rr > 0
     iterations = torch.zeros(b.shape[0], dtype=torch.long, device=b.device)
     safeguarded = torch.zeros(b.shape[0], dtype=torch.bool, device=b.device)
     tiny = torch.finfo(b.dtype).tiny
     image: Tensor | None = None
 
-    for _ in range(max_iter):
+    for k in range(max_iter):
         if not bool(active.any()):
             break
         mp = matvec(p)
         bp = None
         if isinstance(mp, tuple):
             mp, bp = mp
-            if image is None:
-                image = torch.zeros_like(bp)
-        mp_finite = torch.isfinite(mp).all(dim=-1)
-        mp = torch.where(mp_finite.unsqueeze(-1), mp, torch.zeros_like(mp))
-        curvature = _dot(p, mp)
+        curvature = dot(p, mp)
+        finite = torch.isfinite(curvature)  # False where M p has a non-finite entry
         if safeguard is not None:
-            used, flagged = safeguard(p, torch.where(mp_finite, curvature, torch.nan))
+            used, flagged = safeguard(p, torch.where(finite, curvature, torch.nan))
             curvature = torch.nan_to_num(used, nan=0.0, posinf=0.0)
-            flagged = flagged | ~mp_finite
+            flagged = flagged | ~finite
         else:
-            flagged = ~mp_finite | ~(curvature > 0)
-        ok = active & (curvature > tiny)
+            flagged = ~finite | ~(curvature > 0)
+        ok = active & finite & (curvature > tiny)
         if safeguard is None:
             ok = ok & ~flagged
-        alpha = torch.where(ok, rr / torch.where(ok, curvature, torch.ones_like(curvature)), 0.0)
-        u_new = u + alpha.unsqueeze(-1) * p
-        # The residual follows the true operator; for a non-finite product it is kept as is.
-        r_new = torch.where(mp_finite.unsqueeze(-1), r - alpha.unsqueeze(-1) * mp, r)
-        valid = torch.isfinite(u_new).all(dim=-1) & torch.isfinite(r_new).all(dim=-1)
-        ok = ok & valid
+        if not bool(finite.all()):  # such elements stop before stepping: alpha = 0, M p = 0
+            mp = torch.where(finite.unsqueeze(-1), mp, 0.0)
         if bp is not None:
-            image_new = image + alpha.unsqueeze(-1) * torch.where(ok.unsqueeze(-1), bp, 0.0)
-            ok = ok & torch.isfinite(image_new).all(dim=-1)
-            image = torch.where(ok.unsqueeze(-1), image_new, image)
-        u = torch.where(ok.unsqueeze(-1), u_new, u)
-        r = torch.where(ok.unsqueeze(-1), r_new, r)
-        rr_new = torch.where(ok, _dot(r, r), rr)
+            finite_bp = finite_rows(bp)
+            if not bool(finite_bp.all()):
+                bp = torch.where(finite_bp.unsqueeze(-1), bp, 0.0)
+                ok = ok & finite_bp
+        alpha = torch.where(ok, rr / torch.where(ok, curvature, 1.0), 0.0).unsqueeze(-1)
+        u_new = u + alpha * p
+        r_new = r - alpha * mp
+        rr_new = dot(r_new, r_new)
+        valid = torch.isfinite(rr_new) & finite_rows(u_new)
+        image_new = None
+        if bp is not None:
+            image_new = alpha * bp if image is None else image + alpha * bp
+            valid = valid & finite_rows(image_new)
+        if not bool(valid.all()):  # an overflowing step is rejected and the element stops
+            keep = valid.unsqueeze(-1)
+            u_new, r_new = torch.where(keep, u_new, u), torch.where(keep, r_new, r)
+            rr_new = torch.where(valid, rr_new, rr)
+            if image_new is not None:
+                image_new = torch.where(keep, image_new, 0.0 if image is None else image)
+            ok = ok & valid
         iterations = iterations + ok.long()
         safeguarded = safeguarded | (active & (flagged | ~valid))
         converged = rr_new <= tol2 if rtol > 0 else rr_new <= 0
-        keep = ok & ~flagged & ~converged
-        beta = torch.where(keep, rr_new / torch.where(keep, rr, torch.ones_like(rr)), 0.0)
-        p = torch.where(keep.unsqueeze(-1), r + beta.unsqueeze(-1) * p, torch.zeros_like(p))
-        rr = rr_new
-        active = keep
+        active = ok & ~flagged & ~converged
+        if k + 1 < max_iter:
+            beta = torch.where(active, rr_new / torch.where(active, rr, 1.0), 0.0)
+            p = torch.where(active.unsqueeze(-1), r_new + beta.unsqueeze(-1) * p, 0.0)
+        u, r, rr, image = u_new, r_new, rr_new, image_new
 
-    norm_b = torch.sqrt(_dot(b, b))
-    norm_r = torch.sqrt(_dot(r, r))
-    residual = torch.where(norm_b > 0, norm_r / torch.where(norm_b > 0, norm_b, 1.0), 0.0)
-    return CGResult(u, residual, iterations, safeguarded, image)
+    norm_b = torch.sqrt(bb)
+    residual = torch.where(norm_b > 0, torch.sqrt(rr) / torch.where(norm_b > 0, norm_b, 1.0), 0.0)
+    return CGResult(u, residual, iterations, safeguarded, image, r)

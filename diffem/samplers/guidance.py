@@ -45,11 +45,13 @@ import torch
 from torch import Tensor
 
 from diffem.operators.base import Operator
+from diffem.samplers._rows import dot, finite_rows
 from diffem.samplers.cg import CGResult, conjugate_gradient
 from diffem.schedule import gaussian_variance
 
 __all__ = [
     "COVARIANCES",
+    "Evaluation",
     "GaussianLikelihood",
     "Guidance",
     "Guided",
@@ -104,18 +106,35 @@ def vjp(x_hat: Tensor, x_leaf: Tensor, v: Tensor) -> Tensor:
     return torch.zeros_like(x_leaf) if grad is None else grad
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.linalg.vecdot(a, b)
-
-
 def _record(stats: Stats, key: str, value: Tensor) -> None:
     stats.setdefault(key, []).append(value.detach())
+
+
+class Evaluation(NamedTuple):
+    """The denoiser evaluated, with its graph, on one chunk of rows, and the residual of the
+    observations there: what a guidance works from."""
+
+    x_leaf: Tensor
+    """``(B, D)`` :math:`x_t`, an autograd leaf."""
+    x_hat: Tensor
+    r"""``(B, D)`` :math:`\hat{x} = E[x \mid x_t]`, with its graph."""
+    sigma: Tensor
+    """``(B,)`` noise levels."""
+    weight: Tensor | None
+    """``(B,)`` the solver's weight of this evaluation (:mod:`diffem.samplers.solvers`)."""
+    residual: Tensor
+    r"""``(B, M)`` :math:`y - A \hat{x}` (rows with a non-finite entry set to 0)."""
+    operator: Operator
+    """The observation operators of the rows."""
+
+    def vjp(self, v: Tensor) -> Tensor:
+        """:math:`J^\top v` for ``v`` ``(B, D)`` (:func:`vjp`)."""
+        return vjp(self.x_hat, self.x_leaf, v)
 
 
 class Guidance(ABC):
     """Turns ``denoiser`` into a guided estimate at ``(x_t, sigma)`` for ``(y, operator)``."""
 
-    @abstractmethod
     def __call__(
         self,
         denoiser: Denoiser,
@@ -127,10 +146,19 @@ class Guidance(ABC):
         stats: Stats,
         initial: Tensor | None = None,
     ) -> Guided:
-        """``weight`` ``(B,)`` is the solver's weight of this evaluation
-        (:mod:`diffem.samplers.solvers`); ``stats`` collects ``(B,)`` diagnostics; ``initial``
-        ``(B, M)`` is a starting point of the linear solve (the previous evaluation's
-        :attr:`Guided.solution`), used by guidances that solve one."""
+        """``x_t`` ``(B, D)``, ``sigma`` ``(B,)``, ``y`` ``(B, M)``; ``weight`` ``(B,)`` is the
+        solver's weight of this evaluation (:mod:`diffem.samplers.solvers`); ``stats`` collects
+        ``(B,)`` diagnostics; ``initial`` ``(B, M)`` is a starting point of the linear solve
+        (the previous evaluation's :attr:`Guided.solution`), used by guidances that solve one.
+        """
+        x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
+        residual = zero_nonfinite_rows(y - operator.apply(x_hat.detach()))
+        evaluation = Evaluation(x_leaf, x_hat, sigma, weight, residual, operator)
+        return self.guide(evaluation, stats, initial)
+
+    @abstractmethod
+    def guide(self, e: Evaluation, stats: Stats, initial: Tensor | None) -> Guided:
+        """The guided estimate from the evaluation ``e``."""
 
 
 @dataclass(frozen=True)
@@ -173,102 +201,96 @@ class GaussianLikelihood(Guidance):
     clip: bool = True
     residual_guard: bool = True
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x_t: Tensor,
-        sigma: Tensor,
-        weight: Tensor | None,
-        y: Tensor,
-        operator: Operator,
-        stats: Stats,
-        initial: Tensor | None = None,
-    ) -> Guided:
-        x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
-        s2 = (sigma**2).unsqueeze(-1)
-        r2 = gaussian_variance(sigma, float(self.sigma_data))
+    def guide(self, e: Evaluation, stats: Stats, initial: Tensor | None) -> Guided:
+        s2 = (e.sigma**2).unsqueeze(-1)
+        r2 = gaussian_variance(e.sigma, float(self.sigma_data))
         v_min = float(self.variance_bounds[0]) * r2
         v_max = float(self.variance_bounds[1]) * r2
-        var = operator.noise_var
-        residual = y - operator.apply(x_hat.detach())
-        max_iter = operator.n_measurements if self.cg_iter is None else int(self.cg_iter)
-        start, start_image, rhs = None, None, residual
-        if initial is not None and self.covariance == "jacobian":
-            start, start_image, rhs = self._warm_start(
-                initial, x_hat, x_leaf, s2, var, residual, operator
-            )
-        result = self._solve(
-            x_hat, x_leaf, s2, r2, v_min, v_max, var, rhs, operator, max_iter, stats
-        )
+        var = e.operator.noise_var
+        jacobian = self.covariance == "jacobian"
+        start, start_image, rhs = None, None, e.residual
+        if initial is not None and jacobian:
+            start, start_image, rhs = self._warm_start(e, initial, s2, var)
+        result = self._solve(e, rhs, s2, r2, v_min, v_max, var, stats)
         solution = result.solution if start is None else start + result.solution
-        w = operator.adjoint(solution)
-        if self.covariance == "jacobian":  # no image: CG took no step (zero residual)
-            delta = torch.zeros_like(x_t) if result.image is None else result.image
-            if start_image is not None:
-                delta = delta + start_image
+        if jacobian:  # [V A^T u, A^T u]; no image: CG took no step (zero residual)
+            image = start_image if result.image is None else result.image
+            if result.image is not None and start_image is not None:
+                image = image + start_image
+            if image is None:
+                delta, w = torch.zeros_like(e.x_leaf), torch.zeros_like(e.x_leaf)
+            else:
+                delta, w = image.split(e.x_leaf.shape[-1], dim=-1)
+            # A delta = (b - r) - Sigma_y u (cg.py), with b = residual - A(start image) - var start
+            a_delta = e.residual - result.remainder - var * solution
         else:
-            delta = s2 * vjp(x_hat, x_leaf, w)
+            w = e.operator.adjoint(solution)
+            delta = s2 * e.vjp(w)
+            a_delta = None
+        scale = None
         if self.clip:
-            delta, clipped = _clip_guidance(delta, w, v_min, v_max)
-            _record(stats, "clipped", clipped.to(x_t.dtype))
+            scale, clipped = _clip_scale(delta, w, v_min, v_max)
+            _record(stats, "clipped", clipped.to(delta.dtype))
         if self.residual_guard:
-            delta, guarded = residual_guard(delta, residual, operator)
-            _record(stats, "residual_guarded", guarded.to(x_t.dtype))
+            if a_delta is None:
+                a_delta = e.operator.apply(delta)
+            shrink, guarded = residual_guard(e.residual, a_delta, var, scale)
+            scale = shrink if scale is None else scale * shrink
+            _record(stats, "residual_guarded", guarded.to(delta.dtype))
+        if scale is not None and not bool((scale == 1).all()):
+            delta = delta * scale.unsqueeze(-1)
         relative = result.residual
         if start is not None:  # relative to the cold-start residual y - A x_hat
-            scale = torch.linalg.vector_norm(rhs, dim=-1)
-            base = torch.linalg.vector_norm(torch.nan_to_num(residual), dim=-1)
-            relative = torch.where(base > 0, relative * scale / torch.where(base > 0, base, 1), 0)
+            scale_rhs = torch.linalg.vector_norm(rhs, dim=-1)
+            base = torch.linalg.vector_norm(e.residual, dim=-1)
+            relative = torch.where(
+                base > 0, relative * scale_rhs / torch.where(base > 0, base, 1), 0
+            )
         _record(stats, "cg_residual", relative)
-        _record(stats, "cg_iterations", result.iterations.to(x_t.dtype))
-        if self.safeguard and self.covariance == "jacobian":
-            _record(stats, "cg_safeguarded", result.safeguarded.to(x_t.dtype))
-        finite = torch.where(torch.isfinite(residual), residual, 0.0)
-        log_likelihood = -0.5 * _dot(finite, solution)
-        return Guided(x_hat.detach(), delta.detach(), log_likelihood.detach(), solution.detach())
+        _record(stats, "cg_iterations", result.iterations.to(delta.dtype))
+        if self.safeguard and jacobian:
+            _record(stats, "cg_safeguarded", result.safeguarded.to(delta.dtype))
+        log_likelihood = -0.5 * dot(e.residual, solution)
+        return Guided(e.x_hat.detach(), delta.detach(), log_likelihood.detach(), solution.detach())
 
     def _warm_start(
-        self,
-        initial: Tensor,
-        x_hat: Tensor,
-        x_leaf: Tensor,
-        s2: Tensor,
-        var: Tensor,
-        residual: Tensor,
-        operator: Operator,
+        self, e: Evaluation, initial: Tensor, s2: Tensor, var: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
         r"""Starts CG from :math:`u_0` (one product, which also gives :math:`\sigma_t^2 J^\top
         A^\top u_0`); rows where :math:`u_0` is not finite or does not reduce the residual
-        start from 0. Returns :math:`u_0`, its image and the residual :math:`b - M u_0`."""
-        image = s2 * vjp(x_hat, x_leaf, operator.adjoint(initial))
-        rhs = residual - var * initial - operator.apply(image)
-        good = torch.isfinite(rhs).all(-1) & torch.isfinite(image).all(-1)
-        good = good & (_dot(rhs, rhs) < _dot(residual, residual))
+        start from 0. Returns :math:`u_0`, its image :math:`[\sigma_t^2 J^\top A^\top u_0,
+        A^\top u_0]` and the residual :math:`b - M u_0`."""
+        w = e.operator.adjoint(initial)
+        image = s2 * e.vjp(w)
+        rhs = e.residual - var * initial - e.operator.apply(image)
+        good = finite_rows(image) & (dot(rhs, rhs) < dot(e.residual, e.residual))
+        image = torch.cat([image, w], dim=-1)
+        if bool(good.all()):
+            return initial, image, rhs
         keep = good.unsqueeze(-1)
         return (
             torch.where(keep, initial, 0.0),
             torch.where(keep, image, 0.0),
-            torch.where(keep, rhs, residual),
+            torch.where(keep, rhs, e.residual),
         )
 
     def _solve(
         self,
-        x_hat: Tensor,
-        x_leaf: Tensor,
+        e: Evaluation,
+        rhs: Tensor,
         s2: Tensor,
         r2: Tensor,
         v_min: Tensor,
         v_max: Tensor,
         var: Tensor,
-        residual: Tensor,
-        operator: Operator,
-        max_iter: int,
         stats: Stats,
     ) -> CGResult:
+        operator = e.operator
+        max_iter = operator.n_measurements if self.cg_iter is None else int(self.cg_iter)
         rtol = float(self.cg_rtol)
         if self.covariance != "jacobian":
             if self.covariance == "diagonal":
-                raw = s2 * vjp(x_hat, x_leaf, torch.ones_like(x_hat))
+                raw = s2 * e.vjp(torch.ones_like(e.x_leaf))
                 raw = torch.nan_to_num(raw, nan=0.0, posinf=0.0, neginf=0.0)
                 low = float(self.min_variance) * r2.unsqueeze(-1)
                 diagonal = torch.minimum(torch.maximum(raw, low), s2)
@@ -279,61 +301,68 @@ class GaussianLikelihood(Guidance):
             def linear(p: Tensor) -> Tensor:
                 return var * p + operator.apply(diagonal * operator.adjoint(p))
 
-            return conjugate_gradient(linear, residual, max_iter=max_iter, rtol=rtol)
+            return conjugate_gradient(linear, rhs, max_iter=max_iter, rtol=rtol)
 
-        # The covariance part A V A^T p of the last product, kept for the safeguard.
+        # The adjoint A^T p and covariance part A V A^T p of the last product, for the safeguard.
         last: dict[str, Tensor] = {}
 
         def matvec(p: Tensor) -> tuple[Tensor, Tensor]:
+            # B p = [V A^T p, A^T p]: CG accumulates the guidance V A^T u and A^T u together.
             last["w"] = operator.adjoint(p)
-            image = s2 * vjp(x_hat, x_leaf, last["w"])
+            image = s2 * e.vjp(last["w"])
             last["cov"] = operator.apply(image)
-            return var * p + last["cov"], image
+            return var * p + last["cov"], torch.cat([image, last["w"]], dim=-1)
 
         def safeguard(p: Tensor, curvature: Tensor) -> tuple[Tensor, Tensor]:
             w = last["w"]
-            ww = _dot(w, w)
-            base = _dot(p, var * p)
+            ww = dot(w, w)
             # Rayleigh quotient of V alone: w^T V w = p^T (A V A^T p), not the difference
             # curvature - p^T Sigma_y p, in which the noise term swamps a small covariance term
             # in float32 (low noise levels with sigma_y ~ 1).
-            quad = torch.where(torch.isfinite(curvature), _dot(p, last["cov"]), torch.nan)
+            quad = torch.where(torch.isfinite(curvature), dot(p, last["cov"]), torch.nan)
             rho = quad / torch.where(ww > 0, ww, 1.0)
             low = ~(rho >= v_min) & (ww > 0)  # also NaN
             high = (rho > v_max) & (ww > 0)
+            flagged = low | high
+            if not bool(flagged.any()):
+                return curvature, flagged
+            base = dot(p, var * p)
             used = torch.where(low, base + r2 * ww, curvature)
             used = torch.where(high, base + v_max * ww, used)
-            return used, low | high
+            return used, flagged
 
         return conjugate_gradient(
             matvec,
-            residual,
+            rhs,
             max_iter=max_iter,
             rtol=rtol,
             safeguard=safeguard if self.safeguard else None,
         )
 
 
-def _clip_guidance(delta: Tensor, w: Tensor, v_min: Tensor, v_max: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Rescales :math:`\delta = \mathbb{V} w` onto :math:`\lVert \delta \rVert^2 \le v_{\max}
-    \operatorname{clamp}(w^\top \delta, v_{\min} \lVert w \rVert^2, v_{\max} \lVert w
-    \rVert^2)`, which holds for every PSD :math:`\mathbb{V}` with eigenvalues in
-    :math:`[v_{\min}, v_{\max}]`. Returns the clipped ``(B, D)`` guidance and a ``(B,)`` flag.
+def _clip_scale(delta: Tensor, w: Tensor, v_min: Tensor, v_max: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The factor that rescales :math:`\delta = \mathbb{V} w` onto :math:`\lVert \delta
+    \rVert^2 \le v_{\max} \operatorname{clamp}(w^\top \delta, v_{\min} \lVert w \rVert^2,
+    v_{\max} \lVert w \rVert^2)`, which holds for every PSD :math:`\mathbb{V}` with eigenvalues
+    in :math:`[v_{\min}, v_{\max}]`. Shapes: ``delta``, ``w`` ``(B, D)``; returns the ``(B,)``
+    factor (1 where the bound holds) and a ``(B,)`` flag.
     """
-    delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))
-    ww = _dot(w, w)
-    q = torch.minimum(torch.maximum(_dot(w, delta), v_min * ww), v_max * ww)
-    cap = torch.sqrt(v_max * q)
-    norm = torch.linalg.vector_norm(delta, dim=-1)
-    # Clip only beyond a rounding margin, so that exact denoisers are never clipped.
-    clipped = norm > 1.001 * cap
-    scale = torch.where(clipped, cap / torch.where(clipped, norm, 1.0), 1.0)
-    return delta * scale.unsqueeze(-1), clipped
+    ww = dot(w, w)
+    q = torch.minimum(torch.maximum(dot(w, delta), v_min * ww), v_max * ww)
+    cap2 = v_max * q
+    norm2 = dot(delta, delta)
+    # Clip only beyond a rounding margin (1.001 on the norm), so that exact denoisers never are.
+    clipped = norm2 > 1.002001 * cap2
+    scale = torch.where(clipped, torch.sqrt(cap2 / torch.where(clipped, norm2, 1.0)), 1.0)
+    return scale, clipped
 
 
-def residual_guard(delta: Tensor, residual: Tensor, operator: Operator) -> tuple[Tensor, Tensor]:
-    r"""Shrinks guidance that moves :math:`A(\hat{x} + \delta)` farther from :math:`y` than
-    :math:`A \hat{x}` in the noise-weighted norm :math:`\lVert v \rVert_{\Sigma_y^{-1}}`.
+def residual_guard(
+    residual: Tensor, a_delta: Tensor, noise_var: Tensor, scale: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    r"""The factor that shrinks guidance moving :math:`A(\hat{x} + \delta)` farther from
+    :math:`y` than :math:`A \hat{x}` in the noise-weighted norm
+    :math:`\lVert v \rVert_{\Sigma_y^{-1}}`.
 
     For an SPD system solved exactly, :math:`r - A \delta = \Sigma_y u` with :math:`u = M^{-1}
     r`, :math:`r = y - A \hat{x}`, and :math:`\lVert \Sigma_y M^{-1} r \rVert_{\Sigma_y^{-1}} \le
@@ -343,20 +372,39 @@ def residual_guard(delta: Tensor, residual: Tensor, operator: Operator) -> tuple
     fires; CG then returns a huge :math:`u` and :math:`\delta` throws the sample far off the
     data (the cause of the divergence of EM with more CG iterations, see the docs). Such a
     :math:`\delta` is scaled by the residual-minimising :math:`t \in [0, 1]`. Variances are
-    floored at machine epsilon, so noiseless entries weigh equally. Shapes: ``delta``
-    ``(B, D)``, ``residual`` ``(B, M)``; returns the guidance and a ``(B,)`` flag.
+    floored at machine epsilon, so noiseless entries weigh equally.
+
+    Shapes: ``residual`` :math:`r` and ``a_delta`` :math:`A \delta` ``(B, M)``, ``noise_var``
+    broadcastable to them, ``scale`` ``(B,)`` a factor already applied to :math:`\delta` (or
+    ``None``); returns the ``(B,)`` factor :math:`t` (1 where the guard is inactive) and a
+    ``(B,)`` flag.
     """
-    residual = torch.nan_to_num(residual)
-    precision = 1.0 / torch.as_tensor(operator.noise_var, dtype=delta.dtype, device=delta.device)
-    precision = precision.clamp_max(1.0 / torch.finfo(delta.dtype).eps)
-    a_delta = operator.apply(delta)
-    before = (residual**2 * precision).sum(-1)
-    after = ((residual - a_delta) ** 2 * precision).sum(-1)
-    bad = after > 1.001 * before + torch.finfo(delta.dtype).tiny
-    num = (residual * a_delta * precision).sum(-1)
-    den = (a_delta**2 * precision).sum(-1)
+    eps = torch.finfo(a_delta.dtype).eps
+    precision = 1.0 / torch.as_tensor(noise_var, dtype=a_delta.dtype, device=a_delta.device)
+    weighted = residual * precision.clamp_max(1.0 / eps)
+    before = dot(residual, weighted)
+    num = dot(a_delta, weighted)
+    den = dot(a_delta, a_delta * precision.clamp_max(1.0 / eps))
+    if scale is not None:
+        num, den = scale * num, scale**2 * den
+    after = before - 2.0 * num + den
+    bad = after > 1.001 * before + torch.finfo(a_delta.dtype).tiny
     t = (num / torch.where(den > 0, den, 1.0)).clamp(0.0, 1.0)
-    return delta * torch.where(bad, t, 1.0).unsqueeze(-1), bad
+    return torch.where(bad, t, 1.0), bad
+
+
+def zero_nonfinite_rows(x: Tensor) -> Tensor:
+    """``x`` ``(B, n)`` with its rows that hold a non-finite entry set to 0."""
+    finite = finite_rows(x)
+    return x if bool(finite.all()) else torch.where(finite.unsqueeze(-1), x, 0.0)
+
+
+def fallback(delta: Tensor, stats: Stats) -> Tensor:
+    """Guidance ``delta`` ``(B, D)`` with non-finite rows replaced by 0 (no guidance), their
+    fraction recorded in ``stats["fallback"]``."""
+    finite = finite_rows(delta)
+    stats.setdefault("fallback", []).append((~finite).to(delta.dtype))
+    return delta if bool(finite.all()) else torch.where(finite.unsqueeze(-1), delta, 0.0)
 
 
 @dataclass(frozen=True)
@@ -368,26 +416,15 @@ class ResidualGradient(Guidance):
 
     zeta: float = 1.0
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        x_t: Tensor,
-        sigma: Tensor,
-        weight: Tensor | None,
-        y: Tensor,
-        operator: Operator,
-        stats: Stats,
-        initial: Tensor | None = None,
-    ) -> Guided:
-        x_leaf, x_hat = denoise_with_graph(denoiser, x_t, sigma)
-        residual = y - operator.apply(x_hat.detach())
-        norm = torch.linalg.vector_norm(residual, dim=-1, keepdim=True)
+    def guide(self, e: Evaluation, stats: Stats, initial: Tensor | None) -> Guided:
+        norm = torch.linalg.vector_norm(e.residual, dim=-1, keepdim=True)
         good = norm > 0
-        direction = torch.where(good, residual / torch.where(good, norm, 1.0), 0.0)
-        grad = vjp(x_hat, x_leaf, operator.adjoint(direction))
-        if weight is None:
-            scale = torch.ones_like(sigma)
+        direction = torch.where(good, e.residual / torch.where(good, norm, 1.0), 0.0)
+        grad = e.vjp(e.operator.adjoint(direction))
+        if e.weight is None:
+            scale = torch.ones_like(e.sigma)
         else:
-            scale = 1.0 / weight.clamp(min=torch.finfo(sigma.dtype).eps)
+            scale = 1.0 / e.weight.clamp(min=torch.finfo(e.sigma.dtype).eps)
         _record(stats, "residual_norm", norm.flatten())
-        return Guided(x_hat.detach(), (float(self.zeta) * scale.unsqueeze(-1) * grad).detach())
+        delta = float(self.zeta) * scale.unsqueeze(-1) * grad
+        return Guided(e.x_hat.detach(), delta.detach())

@@ -4,13 +4,17 @@ r"""Moment-matching posterior sampling (MMPS), Rozet, Andry, Lanusse & Louppe (2
 
 from __future__ import annotations
 
-from dataclasses import KW_ONLY
+from dataclasses import KW_ONLY, fields
+from typing import Any, ClassVar
 
 from diffem._validation import check_int, check_number
 from diffem.samplers.base import PosteriorSampler, sampler_class
 from diffem.samplers.guidance import GaussianLikelihood
 
-__all__ = ["MMPS", "GaussianGuidedSampler"]
+__all__ = ["MMPS", "NO_SAFEGUARDS", "GaussianGuidedSampler", "HeuristicGuidedSampler"]
+
+#: The heuristic samplers run their likelihood without MMPS's safeguards.
+NO_SAFEGUARDS: dict[str, Any] = {"safeguard": False, "clip": False, "residual_guard": False}
 
 
 @sampler_class
@@ -33,6 +37,15 @@ class GaussianGuidedSampler(PosteriorSampler):
     sigma_data: float = 1.0
     cg_rtol: float = 1e-6
 
+    #: Options of :class:`~diffem.samplers.guidance.GaussianLikelihood` fixed by the sampler;
+    #: the others are taken from the sampler's parameters of the same name.
+    likelihood: ClassVar[dict[str, Any]] = {}
+
+    def guidance(self) -> GaussianLikelihood:
+        names = {f.name for f in fields(GaussianLikelihood)}
+        params = {k: v for k, v in self.get_params(deep=False).items() if k in names}
+        return GaussianLikelihood(**{**params, **self.likelihood})
+
     def _validate(self) -> None:
         super()._validate()
         check_number(self.sigma_data, "sigma_data", 0.0, low_open=True)
@@ -40,6 +53,32 @@ class GaussianGuidedSampler(PosteriorSampler):
         cg_iter = getattr(self, "cg_iter", None)
         if cg_iter is not None:
             check_int(cg_iter, "cg_iter", 1)
+
+
+@sampler_class
+class HeuristicGuidedSampler(GaussianGuidedSampler):
+    r"""A Gaussian likelihood with a heuristic covariance (:class:`~diffem.samplers.PiGDM`,
+    :class:`~diffem.samplers.TMPD`): the SPD system solved to convergence, without MMPS's
+    safeguards.
+
+    Parameters
+    ----------
+    cg_iter : int or None
+        Maximum CG iterations (``None``: ``M``).
+    sigma_data, cg_rtol
+        See :class:`GaussianGuidedSampler`.
+    steps, eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
+        See :class:`diffem.samplers.base.Sampler`.
+
+    Attributes
+    ----------
+    diagnostics_ : dict of float
+        ``cg_residual``, ``cg_iterations``, ``fallback``, ``evaluations``, ``wall_time``, and
+        the sampler's own.
+    """
+
+    cg_iter: int | None = None
+    likelihood: ClassVar[dict[str, Any]] = NO_SAFEGUARDS
 
 
 @sampler_class
@@ -130,12 +169,3 @@ class MMPS(GaussianGuidedSampler):
             raise ValueError(f"variance_bounds must be a pair (low, high), got {bounds!r}.")
         low = check_number(bounds[0], "variance_bounds[0]", 0.0, low_open=True)
         check_number(bounds[1], "variance_bounds[1]", low, low_open=True)
-
-    def guidance(self) -> GaussianLikelihood:
-        return GaussianLikelihood(
-            covariance=self.covariance,
-            cg_iter=int(self.cg_iter),
-            cg_rtol=float(self.cg_rtol),
-            sigma_data=float(self.sigma_data),
-            variance_bounds=(float(self.variance_bounds[0]), float(self.variance_bounds[1])),
-        )

@@ -3,15 +3,16 @@ r"""Pseudoinverse-guided diffusion (PiGDM), Song, Vahdat, Mardani & Kautz (2023)
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 from diffem.samplers.base import sampler_class
-from diffem.samplers.guidance import GaussianLikelihood
-from diffem.samplers.mmps import GaussianGuidedSampler
+from diffem.samplers.mmps import NO_SAFEGUARDS, HeuristicGuidedSampler
 
 __all__ = ["PiGDM"]
 
 
 @sampler_class
-class PiGDM(GaussianGuidedSampler):
+class PiGDM(HeuristicGuidedSampler):
     r"""Pseudoinverse-guided diffusion (Song et al., 2023): MMPS with the isotropic heuristic
     covariance :math:`p(x \mid x_t) \approx \mathcal{N}(\hat{x}, r_t^2 I)`,
     :math:`r_t^2 = \sigma_t^2 \sigma_d^2 / (\sigma_t^2 + \sigma_d^2)`,
@@ -26,29 +27,8 @@ class PiGDM(GaussianGuidedSampler):
 
     Parameters
     ----------
-    steps : int
-    cg_iter : int or None
-        Maximum CG iterations (``None``: ``M``).
-    sigma_data, cg_rtol
-        See :class:`~diffem.samplers.mmps.GaussianGuidedSampler`.
-    eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
-        See :class:`diffem.samplers.base.Sampler`.
-
-    Attributes
-    ----------
-    diagnostics_ : dict of float
-        ``cg_residual``, ``cg_iterations``, ``fallback``, ``evaluations``, ``wall_time``.
+    cg_iter, sigma_data, cg_rtol, steps, eta, solver, sigma_min, sigma_max, batch_size, ...
+        See :class:`~diffem.samplers.mmps.HeuristicGuidedSampler`.
     """
 
-    cg_iter: int | None = None
-
-    def guidance(self) -> GaussianLikelihood:
-        return GaussianLikelihood(
-            covariance="gaussian",
-            cg_iter=self.cg_iter,
-            cg_rtol=float(self.cg_rtol),
-            sigma_data=float(self.sigma_data),
-            safeguard=False,
-            clip=False,
-            residual_guard=False,
-        )
+    likelihood: ClassVar[dict[str, Any]] = {"covariance": "gaussian"} | NO_SAFEGUARDS

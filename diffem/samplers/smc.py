@@ -8,7 +8,6 @@ for Bayesian linear inverse problems" (MCGdiff).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import KW_ONLY
 from typing import Any
 
@@ -17,8 +16,8 @@ from torch import Tensor
 
 from diffem._validation import check_int, check_number
 from diffem.operators.base import Operator
-from diffem.samplers.base import check_posterior_inputs, sampler_class, summarise
-from diffem.samplers.guidance import Denoiser, Guided, Stats
+from diffem.samplers.base import Problem, repeat_rows, sampler_class
+from diffem.samplers.guidance import Denoiser, Guided, Stats, fallback
 from diffem.samplers.mmps import MMPS
 from diffem.samplers.solvers import ancestral_coefficients, dpmpp_2m_estimate
 
@@ -132,10 +131,19 @@ class SMC(MMPS):
         Smallest ESS along the chain, before resampling.
     resamples_ : ndarray of shape (n,)
         Number of resampling events per observation.
+    log_evidence_ : ndarray of shape (n,)
+        Each observation's log normalising constant, an estimate of the log-evidence
+        :math:`\log p_\theta(y)` of the chain's prior: with the particles drawn from
+        :math:`\mathcal{N}(0, \sigma_{\max}^2 I)` and weighted by the twisting function there,
+        :math:`\log \hat{Z} = \sum_{r} \log \frac1K \sum_k w^{(r)}_k` over the stretches
+        between resampling events and the last one (:math:`w^{(r)}_k` the weights accumulated
+        since the previous event). :math:`\hat{Z}` is unbiased, so :math:`\log \hat{Z}` is
+        consistent as ``particles`` grows and biased low by :math:`O(1/K)` (Del Moral, 2004;
+        Naesseth, Lindsten & Schön, 2019, "Elements of Sequential Monte Carlo").
     diagnostics_ : dict of float
         MMPS's (``cg_residual``, ``cg_iterations``, ``cg_safeguarded``, ``clipped``,
-        ``fallback``), the means of ``ess``, ``ess_min`` and ``resamples``, ``evaluations``
-        (guided evaluations per particle) and ``wall_time``.
+        ``fallback``), the means of ``ess``, ``ess_min``, ``resamples`` and ``log_evidence``,
+        ``evaluations`` (guided evaluations per particle) and ``wall_time``.
     """
 
     particles: int = 16
@@ -160,65 +168,40 @@ class SMC(MMPS):
             raise ValueError(f"corrector_steps must be 0 for SMC, got {self.corrector_steps!r}.")
 
     # ------------------------------------------------------------------ sampling
-    def sample(
-        self,
-        denoiser: Denoiser,
-        Y: Tensor,
-        operator: Operator,
-        generator: torch.Generator | None = None,
-        *,
-        n_samples: int | None = None,
+    def _draw(
+        self, problem: Problem, generator: torch.Generator | None, n_samples: int, stats: Stats
     ) -> Tensor:
-        r"""Posterior samples :math:`x_i \sim q(x \mid y_i)` from each observation's particles.
-
-        Parameters
-        ----------
-        denoiser, Y, operator, generator
-            As in :meth:`diffem.samplers.PosteriorSampler.sample`.
-        n_samples : int, optional
-            Draws per observation from the same particle system (correlated when larger than
-            the final ESS); ``None``: one draw, shape ``(n, D)``.
-
-        Returns
-        -------
-        Tensor of shape ``(n, D)``, or ``(n, n_samples, D)`` when ``n_samples`` is given.
-        """
-        self._validate()
-        if n_samples is not None:
-            check_int(n_samples, "n_samples", 1)
-        Y, operator = check_posterior_inputs(denoiser, Y, operator)
-        start = time.perf_counter()
+        """``n_samples`` draws ``(n, n_samples, D)`` from each observation's final weighted
+        particles (correlated when more than the final ESS)."""
+        denoiser, Y, operator = problem
         n, K = Y.shape[0], int(self.particles)
         group = max(1, int(self.batch_size) // K)
-        stats: Stats = {"fallback": []}
         draws, ess, ess_min, resamples, log_z = [], [], [], [], []
         for begin in range(0, n, group):
             rows = slice(begin, min(begin + group, n))
             op = operator if len(operator) == 1 else operator[rows]
             out = self._chain(denoiser, Y[rows], op, generator, stats)
             particles, weights = out["particles"], out["weights"]
-            S = 1 if n_samples is None else int(n_samples)
-            index = self._resample(weights, S, generator)
+            index = self._resample(weights, n_samples, generator)
             expanded = index[..., None].expand(-1, -1, particles.shape[-1])
             draws.append(torch.gather(particles, 1, expanded))
             ess.append(1.0 / (weights**2).sum(-1))
             ess_min.append(out["ess_min"])
             resamples.append(out["resamples"])
             log_z.append(out["log_evidence"])
-        x = torch.cat(draws)
         self.ess_ = torch.cat(ess).cpu().numpy()
         self.ess_min_ = torch.cat(ess_min).cpu().numpy()
         self.resamples_ = torch.cat(resamples).cpu().numpy()
         self.log_evidence_ = torch.cat(log_z).cpu().numpy()
-        self.diagnostics_ = summarise(stats, time.perf_counter() - start)
-        self.diagnostics_.update(
-            ess=float(self.ess_.mean()),
-            ess_min=float(self.ess_min_.mean()),
-            resamples=float(self.resamples_.mean()),
-            log_evidence=float(self.log_evidence_.mean()),
-            evaluations=float(self.evaluations_),
-        )
-        return (x[:, 0] if n_samples is None else x).detach()
+        return torch.cat(draws)
+
+    def _diagnostics(self) -> dict[str, float]:
+        return {
+            "ess": float(self.ess_.mean()),
+            "ess_min": float(self.ess_min_.mean()),
+            "resamples": float(self.resamples_.mean()),
+            "log_evidence": float(self.log_evidence_.mean()),
+        }
 
     def _resample(self, weights: Tensor, n_draws: int, generator: Any) -> Tensor:
         if self.resampling == "systematic":
@@ -237,9 +220,7 @@ class SMC(MMPS):
         particles ``(b, K, D)``, weights ``(b, K)``, ``ess_min`` and ``resamples`` ``(b,)``."""
         b, K, D = y.shape[0], int(self.particles), operator.n_features
         guidance = self.guidance()
-        rows = torch.arange(b, device=y.device).repeat_interleave(K)
-        y_rep = y[rows]
-        op_rep = operator if len(operator) == 1 else operator[rows.cpu()]
+        y_rep, op_rep = repeat_rows(y, operator, K)
         levels = self.levels()
         eta = float(self.eta)
         self.evaluations_ = 0
@@ -248,19 +229,16 @@ class SMC(MMPS):
             self.evaluations_ += 1
             s = torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device)
             guided = guidance(denoiser, x, s, None, y_rep, op_rep, stats)
-            bad = ~torch.isfinite(guided.delta).all(dim=-1, keepdim=True)
-            stats["fallback"].append(bad.to(x.dtype).flatten())
-            delta = torch.where(bad, 0.0, guided.delta)
             log_likelihood = guided.log_likelihood
             assert log_likelihood is not None
-            return Guided(guided.x_hat, delta, log_likelihood)
+            return Guided(guided.x_hat, fallback(guided.delta, stats), log_likelihood)
 
         def randn(shape: tuple[int, ...]) -> Tensor:
             return torch.randn(shape, generator=generator, dtype=y.dtype, device=y.device)
 
         x = levels[0] * randn((b * K, D))
         current = evaluate(x, levels[0])
-        # initial weights: the twisting function at sigma_max (particles are prior draws)
+        # initial weights: the twisting function at sigma_max (the particles are prior draws)
         log_w = current.log_likelihood.view(b, K).clone()
         log_z = torch.zeros(b, dtype=y.dtype, device=y.device)
         ess_min = torch.full((b,), float(K), dtype=y.dtype, device=y.device)

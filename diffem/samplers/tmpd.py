@@ -4,17 +4,17 @@ Akyildiz (2024), "Tweedie Moment Projected Diffusions for Inverse Problems", TML
 from __future__ import annotations
 
 from dataclasses import KW_ONLY
+from typing import Any, ClassVar
 
 from diffem._validation import check_number
 from diffem.samplers.base import sampler_class
-from diffem.samplers.guidance import GaussianLikelihood
-from diffem.samplers.mmps import GaussianGuidedSampler
+from diffem.samplers.mmps import NO_SAFEGUARDS, HeuristicGuidedSampler
 
 __all__ = ["TMPD"]
 
 
 @sampler_class
-class TMPD(GaussianGuidedSampler):
+class TMPD(HeuristicGuidedSampler):
     r"""Tweedie moment projected diffusion with a diagonal covariance (Boys et al., 2024).
 
     Tweedie's covariance :math:`\sigma_t^2 J` is replaced by the diagonal of its row sums, one
@@ -31,39 +31,22 @@ class TMPD(GaussianGuidedSampler):
 
     Parameters
     ----------
-    steps : int
-    cg_iter : int or None
-        Maximum CG iterations (``None``: ``M``).
     min_variance : float
         :math:`\kappa`, relative lower clamp of the diagonal.
-    sigma_data, cg_rtol
-        See :class:`~diffem.samplers.mmps.GaussianGuidedSampler`.
-    eta, solver, sigma_min, sigma_max, batch_size, corrector_steps, corrector_snr, verbose
-        See :class:`diffem.samplers.base.Sampler`.
+    cg_iter, sigma_data, cg_rtol, steps, eta, solver, sigma_min, sigma_max, batch_size, ...
+        See :class:`~diffem.samplers.mmps.HeuristicGuidedSampler`.
 
     Attributes
     ----------
     diagnostics_ : dict of float
-        ``cg_residual``, ``cg_iterations``, ``clamped`` (fraction of clamped diagonal entries),
-        ``fallback``, ``evaluations``, ``wall_time``.
+        ``clamped`` (fraction of clamped diagonal entries) and those of
+        :class:`~diffem.samplers.mmps.HeuristicGuidedSampler`.
     """
 
-    cg_iter: int | None = None
+    likelihood: ClassVar[dict[str, Any]] = {"covariance": "diagonal"} | NO_SAFEGUARDS
     _: KW_ONLY
     min_variance: float = 1e-3
 
     def _validate(self) -> None:
         super()._validate()
         check_number(self.min_variance, "min_variance", 0.0, 1.0, low_open=True)
-
-    def guidance(self) -> GaussianLikelihood:
-        return GaussianLikelihood(
-            covariance="diagonal",
-            cg_iter=self.cg_iter,
-            cg_rtol=float(self.cg_rtol),
-            sigma_data=float(self.sigma_data),
-            min_variance=float(self.min_variance),
-            safeguard=False,
-            clip=False,
-            residual_guard=False,
-        )
