@@ -174,6 +174,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     reset_optimizer : bool, default=False
         Whether each M-step starts with a fresh optimizer state (as in the paper's code)
         instead of the previous M-step's.
+    lr_decay : float, default=1.0
+        The M-step of iteration :math:`k` trains with learning rate
+        ``denoiser.lr * lr_decay ** (k - 1)`` (and the denoiser's schedule within the M-step):
+        decreasing steps let the M-step noise vanish, as stochastic-approximation EM needs.
     evidence_sampler : diffem.samplers.SMC or None
         The sampler whose normalising constants estimate the evidence of every iteration's
         prior on ``evidence_rows`` observations (the last particle system's estimate
@@ -319,6 +323,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         warmup_iter: int = 4,
         e_step_samples: int = 4,
         reset_optimizer: bool = False,
+        lr_decay: float = 1.0,
         evidence_sampler: Any = None,
         evidence_rows: int | None = 128,
         tol: float | None = 0.01,
@@ -346,6 +351,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.warmup_iter = warmup_iter
         self.e_step_samples = e_step_samples
         self.reset_optimizer = reset_optimizer
+        self.lr_decay = lr_decay
         self.evidence_sampler = evidence_sampler
         self.evidence_rows = evidence_rows
         self.tol = tol
@@ -487,6 +493,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         )
         self.evidence_sampler_ = self._configured(evidence, denoiser)
         self._network = denoiser  # the network being trained (unfitted until the first M-step)
+        self._initial_lr = float(getattr(denoiser, "lr", math.nan))
         self.denoiser_ = self.init_prior_
         self.history_: list[dict[str, Any]] = []
         self.n_iter_ = 0
@@ -606,6 +613,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             epochs_before = len(network.history) if _initialized(network) else 0
             if self.reset_optimizer and _initialized(network):
                 network.initialize_optimizer()
+            if "lr" in network.get_params(deep=False):
+                network.set_params(lr=self._initial_lr * float(self.lr_decay) ** (k - 1))
             network.partial_fit(self._e_samples.reshape(-1, self.n_features_in_))
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
@@ -927,6 +936,7 @@ _PRIVATE_STATE = (
     "_best",
     "_no_change",
     "_initial_stats",
+    "_initial_lr",
 )
 # What a checkpoint holds.
 _STATE = (

@@ -204,6 +204,7 @@ def check_params(estimator: Any) -> None:
         if not isinstance(getattr(estimator, name), (bool, np.bool_)):
             raise ValueError(f"{name} must be a bool, got {getattr(estimator, name)!r}.")
     _check_int(estimator.evidence_rows, "evidence_rows", 2, allow_none=True)
+    check_number(estimator.lr_decay, "lr_decay", 0.0, 1.0, low_open=True)
     if estimator.tol is not None:
         check_number(estimator.tol, "tol", 0.0)
     noise_std = estimator.noise_std
