@@ -98,6 +98,24 @@ def test_every_record_carries_the_evidence(bimodal) -> None:
     assert est.history_[1]["log_evidence_change"] == pytest.approx(change, abs=1e-9)
 
 
+def test_evidence_rises_within_its_error_bars(bimodal) -> None:
+    """EM does not decrease the evidence: on the bimodal problem, with M-steps long enough to
+    (nearly) maximise their objective, the first iteration raises the evidence above the
+    Gaussian's by more than 2 standard errors of the paired change (same observations, same
+    random numbers), and no iteration lowers it by more than 2 of them."""
+    Y, op, _ = bimodal
+    denoiser = MLPDenoiser(
+        max_epochs=64, batch_size=128, lr=3e-3, module__hidden_features=32, module__n_blocks=1
+    )
+    evidence = SMC(steps=16, particles=64)  # 8 particles: standard errors of ~1 nat
+    est = small_estimator(denoiser=denoiser, evidence_sampler=evidence, tol=None).fit(Y, op)
+    changes = [r["log_evidence_change"] for r in est.history_]
+    errors = [r["log_evidence_change_std"] for r in est.history_]
+    assert changes[0] > 2 * errors[0], (changes, errors)
+    for change, error in zip(changes, errors, strict=True):
+        assert change > -2 * error, (changes, errors)
+
+
 # ---------------------------------------------------------------------- convergence
 def test_early_stopping_when_the_evidence_stops_rising(bimodal) -> None:
     Y, op, _ = bimodal
