@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import warnings
+from collections.abc import Iterator
 
 import joblib
 import numpy as np
@@ -18,11 +20,25 @@ from diffem.denoisers import (
     Denoiser,
     DivergenceError,
     MLPDenoiser,
+    Transformer,
+    TransformerDenoiser,
     UNet,
     UNetDenoiser,
 )
+from diffem.denoisers.training import TensorBatches, WarmupEMA
 
 SMALL = {"module__hidden_features": 32, "module__n_blocks": 1, "module__emb_features": 16}
+SMALL_UNET = {"module__channels": (8, 16), "module__emb_features": 16}
+SMALL_TRANSFORMER = {"module__hidden_features": 16, "module__n_blocks": 1, "module__heads": 2}
+
+
+def _small_nets(**kwargs) -> dict[str, Denoiser]:
+    """One small unfitted net of each kind, on 4x4 images (16 features)."""
+    return {
+        "mlp": MLPDenoiser(**SMALL, **kwargs),
+        "unet": UNetDenoiser(image_shape=(1, 4, 4), **SMALL_UNET, **kwargs),
+        "transformer": TransformerDenoiser(image_shape=(1, 4, 4), **SMALL_TRANSFORMER, **kwargs),
+    }
 
 
 def _gaussian(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,7 +257,7 @@ def test_ema_weights_are_used_and_pickled() -> None:
     plain = MLPDenoiser(max_epochs=1, batch_size=64, random_state=0, **SMALL).fit(X)
     assert getattr(plain, "ema_module_", None) is None
     plain.set_params(ema_decay=0.5).partial_fit(X)
-    assert plain.ema_steps_ == 8
+    assert int(plain.ema_module_.n_averaged) == 8
     assert not torch.equal(_params(plain.ema_module_), _params(plain.module_))
 
 
@@ -395,24 +411,74 @@ def _joblib_round_trip(obj):
     return joblib.load(buf)
 
 
+@contextlib.contextmanager
+def _saved_as_cuda(net: Denoiser) -> Iterator[None]:
+    """Inside the block, torch serialises the net's weights, EMA weights and optimizer state
+    with the storage location ``"cuda:0"``, byte for byte what a net trained on a GPU writes;
+    other tensors (the CPU generator) keep ``"cpu"``. Loading such bytes without a
+    ``map_location`` fails on a machine without CUDA."""
+    states = [net.module_.state_dict(), net.optimizer_.state_dict()]
+    if net.ema_module_ is not None:
+        states.append(net.ema_module_.state_dict())
+    pointers = set()
+    for state in states:
+        for value in _tensors(state):
+            pointers.add(value.untyped_storage().data_ptr())
+    net.device = "cuda"
+
+    def tagger(storage):
+        return "cuda:0" if storage.data_ptr() in pointers else None
+
+    entry = (-1, tagger, lambda storage, location: None)
+    torch.serialization._package_registry.insert(0, entry)
+    try:
+        yield
+    finally:
+        torch.serialization._package_registry.remove(entry)
+        net.device = "cpu"
+
+
+def _tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _tensors(value)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks loading without CUDA")
-def test_net_saved_for_cuda_loads_on_cpu(fitted: MLPDenoiser) -> None:
-    net = pickle.loads(pickle.dumps(fitted))
-    x = torch.randn(4, 2)
+@pytest.mark.parametrize("kind", ["mlp", "unet", "transformer"])
+def test_net_saved_on_cuda_loads_on_cpu(kind: str, tmp_path) -> None:
+    X = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    net = _small_nets(max_epochs=1, batch_size=32, ema_decay=0.9, random_state=0)[kind].fit(X)
+    x = torch.randn(4, 16)
     expected = net(x, 0.3)
-    net.device = "cuda"  # as if it had been trained on a GPU
-    blob = pickle.dumps(net)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        loaded = pickle.loads(blob)
-    assert any("not available" in str(w.message) for w in caught)
-    assert loaded.device == "cpu"
-    assert torch.equal(loaded(x, 0.3), expected)
-    loaded.partial_fit(torch.randn(32, 2))
-    # moving a fitted net keeps its weights
-    moved = loaded.to("cpu")
-    assert moved is loaded and moved.device == "cpu"
-    assert next(moved.module_.parameters()).device.type == "cpu"
+    with _saved_as_cuda(net):
+        blob = pickle.dumps(net)
+        joblib.dump(net, tmp_path / "net.joblib")
+        net.save_params(f_params=tmp_path / "module.pt", f_optimizer=tmp_path / "opt.pt")
+    # the simulation is faithful: the bytes name a CUDA device
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(tmp_path / "module.pt", weights_only=True)
+    for load in (lambda: pickle.loads(blob), lambda: joblib.load(tmp_path / "net.joblib")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaded = load()
+        assert any("not available" in str(w.message) for w in caught)
+        assert loaded.device == "cpu"
+        assert torch.equal(loaded(x, 0.3), expected)
+        for module in (loaded.module_, loaded.ema_module_):
+            assert next(module.parameters()).device.type == "cpu"
+        loaded.partial_fit(torch.randn(32, 16))  # optimizer state on the CPU too
+        moved = loaded.to("cpu")
+        assert moved is loaded and next(moved.module_.parameters()).device.type == "cpu"
+    # skorch's save_params / load_params into a fresh CPU net
+    fresh = clone(net).initialize_for(16)
+    fresh.load_params(f_params=tmp_path / "module.pt", f_optimizer=tmp_path / "opt.pt")
+    torch.testing.assert_close(_params(fresh.module_), _params(net.module_))
 
 
 def test_validation_split_records_valid_loss() -> None:
@@ -458,3 +524,233 @@ def test_unet_learns_correlated_gaussian_images() -> None:
             err = (net(x_t, sigma) - exact).norm() / exact.norm()
             err0 = (untrained(x_t, sigma) - exact).norm() / exact.norm()
         assert err < 0.5 * err0, (sigma, float(err), float(err0))
+
+
+# ---------------------------------------------------------------- transformer
+
+
+def test_transformer_tokens_and_shapes() -> None:
+    # patches of images (odd sizes padded) and groups of features round-trip exactly
+    for features, shape, patch in [(64, (1, 8, 8), 2), (351, (3, 9, 13), 4), (7, None, 3)]:
+        m = Transformer(features, shape, patch_size=patch, hidden_features=16, heads=2)
+        x = torch.randn(3, features)
+        tokens = m.tokens(x)
+        assert tokens.shape[1] == int(np.prod(m.grid))
+        assert torch.equal(m.untokens(tokens), x)
+        assert m(x, torch.zeros(3)).shape == (3, features)
+    # a token holds one patch: pixel (i, j) of an 8x8 image with p = 2 is entry
+    # 2 * (i % 2) + (j % 2) of token 4 * (i // 2) + j // 2
+    m = Transformer(64, (1, 8, 8), patch_size=2, hidden_features=16, heads=2)
+    image = torch.arange(64.0).reshape(1, 64)
+    assert m.tokens(image)[0, 4 * 1 + 2, 2 * 1 + 0] == 8 * 3 + 4
+    with pytest.raises(ValueError, match="heads"):
+        Transformer(64, (1, 8, 8), hidden_features=30, heads=4)
+    with pytest.raises(ValueError, match="C\\*H\\*W"):
+        Transformer(10, (1, 4, 4))
+    with pytest.raises(ValueError, match="image_shape"):
+        TransformerDenoiser(image_shape=(8, 8)).initialize()
+    # untrained (zero-initialised output and gates): D = c_skip x_t
+    net = TransformerDenoiser(sigma_data=0.5, **SMALL_TRANSFORMER).initialize_for(5)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(net(x, 2.0), x * 0.25 / (4.0 + 0.25))
+
+
+def test_transformer_learns_gaussian_denoiser() -> None:
+    X, mu, s = _gaussian(1024)
+    net = TransformerDenoiser(
+        max_epochs=12,
+        batch_size=128,
+        lr=3e-3,
+        random_state=0,
+        module__patch_size=1,
+        **SMALL_TRANSFORMER,
+    )
+    untrained = clone(net).initialize_for(2)
+    net.fit(X)
+    g = torch.Generator().manual_seed(1)
+    x0, _, _ = _gaussian(500, seed=4)
+    for sigma in (0.5, 2.0):
+        x_t = x0 + sigma * torch.randn(x0.shape, generator=g)
+        exact = mu + s**2 / (s**2 + sigma**2) * (x_t - mu)
+        with torch.no_grad():
+            err = (net(x_t, sigma) - exact).norm() / exact.norm()
+            err0 = (untrained(x_t, sigma) - exact).norm() / exact.norm()
+        assert err < 0.5 * err0, (sigma, float(err), float(err0))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet", "transformer"])
+def test_every_denoiser_clones_pickles_and_grid_searches(kind: str) -> None:
+    from sklearn.model_selection import GridSearchCV
+
+    X = torch.randn(96, 16, generator=torch.Generator().manual_seed(0))
+    net = _small_nets(max_epochs=1, batch_size=32, random_state=0)[kind]
+    key = "module__emb_features"
+    search = GridSearchCV(
+        net,
+        {key: [8, 16]},
+        scoring=lambda est, X, y=None: -est.loss(X, generator=torch.Generator().manual_seed(0)),
+        cv=2,
+    ).fit(X.numpy())
+    assert search.best_params_[key] in (8, 16)
+    fitted = search.best_estimator_
+    assert fitted.module_.embedding.mlp[0].out_features == search.best_params_[key]
+    c = clone(fitted)
+    assert not c.initialized_ and c.get_params()[key] == search.best_params_[key]
+    x = torch.randn(5, 16)
+    loaded = pickle.loads(pickle.dumps(fitted))
+    assert torch.equal(loaded(x, 0.5), fitted(x, 0.5))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet", "transformer"])
+def test_every_denoiser_is_searchable_inside_the_estimator(kind: str) -> None:
+    from sklearn.model_selection import GridSearchCV
+
+    from diffem import DiffusionPriorEM
+    from diffem.operators import Identity
+    from diffem.samplers import MMPS
+
+    g = torch.Generator().manual_seed(0)
+    Y = (0.5 * torch.randn(48, 16, generator=g) + 0.1 * torch.randn(48, 16, generator=g)).numpy()
+    em = DiffusionPriorEM(
+        denoiser=_small_nets(max_epochs=1, batch_size=16, random_state=0)[kind],
+        sampler=MMPS(steps=2),
+        n_iter=1,
+        gaussian_iter=2,
+        n_score_samples=1,
+        score_steps=2,
+        device="cpu",
+        random_state=0,
+    )
+    key = "denoiser__module__emb_features"
+    search = GridSearchCV(em, {key: [8, 16]}, cv=2, error_score="raise")
+    search.fit(Y, Identity(16, noise_std=0.1).expand(len(Y)))
+    assert np.isfinite(search.cv_results_["mean_test_score"]).all()
+    denoiser = search.best_estimator_.denoiser_
+    assert isinstance(denoiser, type(em.denoiser))
+    assert denoiser.module_.embedding.mlp[0].out_features == search.best_params_[key]
+
+
+# ---------------------------------------------------------------- training-loop parts
+
+
+def test_tensor_batches_cover_the_data_once_per_pass() -> None:
+    from skorch.dataset import Dataset
+    from torch.utils.data import Subset
+
+    x = torch.arange(10.0)[:, None]
+    g = torch.Generator().manual_seed(0)
+    batches = TensorBatches(Dataset(x), batch_size=4, shuffle=True, generator=g)
+    assert len(batches) == 3
+    first = torch.cat([b for b, _ in batches])
+    second = torch.cat([b for b, _ in batches])
+    assert sorted(first[:, 0].tolist()) == list(range(10))
+    assert not torch.equal(first, second)  # a fresh permutation per pass
+    ordered = TensorBatches(Dataset(x), batch_size=4, drop_last=True)
+    assert len(ordered) == 2 and torch.equal(torch.cat([b for b, _ in ordered]), x[:8])
+    subset = TensorBatches(Subset(Dataset(x), [7, 2, 5]), batch_size=2)
+    assert torch.equal(torch.cat([b for b, _ in subset]), x[[7, 2, 5]])
+    # other DataLoader options: batches from a DataLoader
+    loader = TensorBatches(Dataset(x), batch_size=4, num_workers=0)
+    assert loader.loader is not None and len(loader) == 3
+
+
+def test_cosine_schedule_per_batch_and_restored_learning_rate() -> None:
+    class _RecordLR(Callback):
+        def on_batch_begin(self, net, training=None, **kwargs) -> None:
+            if training:
+                self.lrs.append(net.optimizer_.param_groups[0]["lr"])
+
+    X, _, _ = _gaussian(200)
+    hook = _RecordLR()
+    hook.lrs = []
+    net = MLPDenoiser(max_epochs=3, batch_size=64, lr=0.01, callbacks=[hook], **SMALL).fit(X)
+    total = 3 * 4  # 4 batches of 200 rows per epoch
+    expected = [0.005 * (1 + np.cos(np.pi * k / total)) for k in range(total)]
+    np.testing.assert_allclose(hook.lrs, expected, rtol=1e-6)
+    assert net.optimizer_.param_groups[0]["lr"] == 0.01
+    hook.lrs = []
+    net.partial_fit(X[:100])  # a warm restart over this call's 2 x 3 batches
+    np.testing.assert_allclose(hook.lrs, [0.005 * (1 + np.cos(np.pi * k / 6)) for k in range(6)])
+    hook.lrs = []
+    net.set_params(lr_schedule="constant", lr=0.02).partial_fit(X)
+    assert hook.lrs == [0.02] * total
+    # with a validation split the schedule spans the training part's batches
+    from skorch.dataset import ValidSplit
+
+    hook.lrs = []
+    net.set_params(lr_schedule="cosine", train_split=ValidSplit(2)).partial_fit(X)
+    assert len(hook.lrs) == 3 * 2 and hook.lrs[-1] > 0
+    np.testing.assert_allclose(hook.lrs[-1], 0.01 * (1 + np.cos(np.pi * 5 / 6)))
+
+
+def test_fused_optimizer_by_default_unless_chosen() -> None:
+    X, _, _ = _gaussian(64)
+    net = MLPDenoiser(max_epochs=1, **SMALL).fit(X)
+    assert net.optimizer_.defaults["fused"] is True
+    net = MLPDenoiser(max_epochs=1, optimizer__foreach=False, **SMALL).fit(X)
+    assert not net.optimizer_.defaults["fused"] and net.optimizer_.defaults["foreach"] is False
+    net = MLPDenoiser(max_epochs=1, optimizer=torch.optim.RMSprop, **SMALL).fit(X)
+    assert net.optimizer_.defaults["foreach"] is True
+
+
+def test_warmup_ema_update() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=WarmupEMA(0.5))
+    expected = None
+    for k, w in enumerate([1.0, 2.0, 3.0, 4.0, 5.0]):
+        with torch.no_grad():
+            model.weight.fill_(w)
+        ema.update_parameters(model)
+        # the first update copies; then decay min(0.5, (1 + k) / (10 + k)) after k updates
+        decay = min(0.5, (1 + k) / (10 + k))
+        expected = w if k == 0 else decay * expected + (1 - decay) * w
+        assert ema.module.weight.item() == pytest.approx(expected)
+    assert pickle.loads(pickle.dumps(ema)).multi_avg_fn.decay == 0.5
+
+
+def test_training_noise_level_distributions() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    uniform = MLPDenoiser().sample_sigma(n, g).log()
+    low, high = np.log(1e-3), np.log(1e2)
+    assert low <= uniform.min() and uniform.max() <= high
+    # log-uniform: mean (low + high) / 2, std (high - low) / sqrt(12); 5 standard errors
+    width = high - low
+    assert abs(uniform.mean() - (low + high) / 2) < 5 * width / np.sqrt(12 * n)
+    assert abs(uniform.std() - width / np.sqrt(12)) < 0.02 * width
+    normal = MLPDenoiser(sigma_distribution="log_normal", log_sigma_std=1.0).sample_sigma(n, g)
+    log_normal = normal.log()
+    # the truncation at +-5.8 standard deviations is invisible at this sample size
+    assert abs(log_normal.mean() - (low + high) / 2) < 5 / np.sqrt(n)
+    assert abs(log_normal.std() - 1.0) < 0.02
+    shifted = MLPDenoiser(sigma_distribution="log_normal", log_sigma_mean=-4.0, log_sigma_std=2.0)
+    drawn = shifted.sample_sigma(n, g).log()
+    assert low <= drawn.min() and drawn.max() <= high  # truncated to the schedule
+    from scipy.stats import truncnorm
+
+    exact = truncnorm((low + 4.0) / 2.0, (high + 4.0) / 2.0, loc=-4.0, scale=2.0)
+    assert abs(drawn.mean() - exact.mean()) < 5 * exact.std() / np.sqrt(n)
+    assert abs(drawn.std() - exact.std()) < 0.02 * exact.std()
+    X, _, _ = _gaussian(64)
+    net = MLPDenoiser(max_epochs=1, sigma_distribution="log_normal", **SMALL).fit(X)
+    assert np.isfinite(net.history[-1, "train_loss"])
+    assert clone(net).get_params()["sigma_distribution"] == "log_normal"
+    for bad in [{"sigma_distribution": "normal"}, {"log_sigma_std": 0.0}, {"log_sigma_mean": "a"}]:
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MLPDenoiser(**bad, **SMALL).fit(X)
+
+
+def test_fresh_optimizer_and_learning_rate_between_calls() -> None:
+    X, _, _ = _gaussian(128)
+    net = MLPDenoiser(max_epochs=1, batch_size=64, ema_decay=0.9, random_state=0, **SMALL).fit(X)
+    weights, ema = _params(net.module_).clone(), _params(net.ema_module_).clone()
+    assert net.optimizer_.state  # moment estimates after training
+    net.initialize_optimizer()
+    assert not net.optimizer_.state and net.optimizer_.defaults["fused"] is True
+    assert torch.equal(_params(net.module_), weights)
+    assert torch.equal(_params(net.ema_module_), ema)
+    net.set_params(lr=0.01).partial_fit(X)
+    assert net.optimizer_.param_groups[0]["lr"] == 0.01
+    assert net.history[-1, "lr"] < 0.01 and int(net.ema_module_.n_averaged) == 4

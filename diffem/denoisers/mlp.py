@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .._validation import check_int, check_number
 from .base import Denoiser
 from .layers import NoiseEmbedding
 
@@ -74,15 +75,10 @@ class MLP(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for name, value, low in [
-            ("features", features, 1),
-            ("hidden_features", hidden_features, 1),
-            ("n_blocks", n_blocks, 0),
-        ]:
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        check_int(features, "features", 1)
+        check_int(hidden_features, "hidden_features", 1)
+        check_int(n_blocks, "n_blocks", 0)
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         self.features = features
         self.embedding = NoiseEmbedding(emb_features)
         self.input = nn.Linear(features, hidden_features)

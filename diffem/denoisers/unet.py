@@ -3,7 +3,6 @@ r"""Residual U-Net backbone and the :class:`UNetDenoiser` for flattened images."
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .._validation import check_image_shape, check_int, check_number
 from .base import Denoiser
 from .layers import NoiseEmbedding
 
@@ -19,23 +19,6 @@ __all__ = ["UNet", "UNetDenoiser"]
 
 def _groups(channels: int, max_groups: int = 8) -> int:
     return math.gcd(channels, max_groups)
-
-
-def _check_image_shape(image_shape: Any) -> tuple[int, int, int]:
-    try:
-        shape = tuple(int(s) for s in image_shape)
-        ok = (
-            len(shape) == 3
-            and all(s >= 1 for s in shape)
-            and all(isinstance(s, numbers.Integral) for s in image_shape)
-        )
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(
-            f"image_shape must be a tuple of 3 positive integers (C, H, W), got {image_shape!r}."
-        )
-    return shape  # type: ignore[return-value]
 
 
 class _ResBlock(nn.Module):
@@ -139,7 +122,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        shape = _check_image_shape(image_shape)
+        shape = check_image_shape(image_shape)
         c, h, w = shape
         if features != c * h * w:
             raise ValueError(
@@ -156,10 +139,8 @@ class UNet(nn.Module):
                 f"image_shape {shape} is too small for {levels} resolution levels: H and W "
                 f"must be at least {2 ** (levels - 1)}; use fewer channels entries."
             )
-        if not isinstance(n_res_blocks, int) or n_res_blocks < 1:
-            raise ValueError(f"n_res_blocks must be an integer >= 1, got {n_res_blocks!r}.")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+        check_int(n_res_blocks, "n_res_blocks", 1)
+        check_number(dropout, "dropout", 0.0, 1.0, high_open=True)
         self.image_shape = shape
         self.embedding = NoiseEmbedding(emb_features)
         self.conv_in = nn.Conv2d(c, chans[0], 3, padding=1)
@@ -255,17 +236,8 @@ class UNetDenoiser(Denoiser):
         self.image_shape = image_shape
 
     def _default_features(self) -> int | None:
-        c, h, w = _check_image_shape(self.image_shape)
+        c, h, w = check_image_shape(self.image_shape)
         return c * h * w
 
-    def initialize_module(self) -> UNetDenoiser:
-        if not isinstance(self.module, nn.Module) and "image_shape" not in self.get_params_for(
-            "module"
-        ):
-            # injected for this call only, so get_params stays the constructor's arguments
-            self.module__image_shape = tuple(_check_image_shape(self.image_shape))
-            try:
-                return super().initialize_module()  # type: ignore[return-value]
-            finally:
-                del self.module__image_shape
-        return super().initialize_module()  # type: ignore[return-value]
+    def _extra_module_kwargs(self) -> dict[str, Any]:
+        return {"image_shape": check_image_shape(self.image_shape)}
