@@ -72,8 +72,8 @@ class DemoConfig:
     the recipe's samplers by one smaller :class:`~diffem.samplers.SMC` (the quick run).
     """
 
-    n_samples: int = 4096
-    n_iter: int = 12
+    n_samples: int = 2048
+    n_iter: int = 6
     gaussian_iter: int = 16
     init_components: int = 1
     hidden: int = 128

@@ -157,6 +157,23 @@ def test_keep_best_keeps_the_iteration_with_the_highest_evidence(bimodal) -> Non
     assert last.best_iteration_ == 3
 
 
+def test_lr_decay_scales_each_m_step(bimodal) -> None:
+    """Iteration k's M-step trains at lr * lr_decay ** (k - 1)."""
+    Y, op, _ = bimodal
+    denoiser = MLPDenoiser(
+        max_epochs=2,
+        batch_size=128,
+        lr=4e-3,
+        lr_schedule="constant",
+        module__hidden_features=8,
+        module__n_blocks=1,
+    )
+    est = small_estimator(denoiser=denoiser, n_iter=3, tol=None, keep_best=False, lr_decay=0.5)
+    est.fit(Y, op)
+    lrs = est.denoiser_.history[:, "lr"]
+    np.testing.assert_allclose(lrs, [4e-3] * 2 + [2e-3] * 2 + [1e-3] * 2, rtol=1e-6)
+
+
 # ---------------------------------------------------------------------- the prior protocol
 def test_both_priors_answer_the_same_protocol(bimodal) -> None:
     Y, op, _ = bimodal
