@@ -61,7 +61,7 @@ __all__ = ["DemoConfig", "DemoResult", "distances", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Size of the demo run. :meth:`full` fits in < 5 minutes on 2 CPU cores, :meth:`quick`
+    """Size of the demo run. :meth:`full` took 307 s on 2 shared CPU cores (load ~3), :meth:`quick`
     in < 1 minute.
 
     The estimator is ``DiffusionPriorEM``'s recipe (its defaults: twisted-SMC E-step after a
@@ -73,12 +73,12 @@ class DemoConfig:
     """
 
     n_samples: int = 2048
-    n_iter: int = 6
+    n_iter: int = 8
     gaussian_iter: int = 16
     init_components: int = 1
     hidden: int = 128
     n_blocks: int = 3
-    epochs: int = 4
+    epochs: int = 16
     batch_size: int = 256
     lr: float = 1e-3
     steps: int | None = None
