@@ -143,7 +143,8 @@ def test_keep_best_keeps_the_iteration_with_the_highest_evidence(bimodal) -> Non
 
     def callback(est, record) -> None:
         if record["iteration"] > 0:
-            snapshots[record["iteration"]] = est.denoiser_.module_.state_dict()
+            state = est.denoiser_.module_.state_dict()
+            snapshots[record["iteration"]] = {k: v.clone() for k, v in state.items()}
 
     est = small_estimator(n_iter=3, tol=None, keep_best=True, callback=callback)
     est.fit(Y, op)
