@@ -137,11 +137,17 @@ def _record_value(record: Mapping[str, Any], key: str) -> float:
 
 
 def record_summary(record: Mapping[str, Any]) -> dict[str, float]:
-    """Train loss and E/M-step seconds from one ``history_`` record."""
+    """Train loss, E/M-step seconds and the evidence estimate (mean log-evidence, its standard
+    error, its change from the previous iteration and that change's standard error) from one
+    ``history_`` record."""
     return {
         "train loss": _record_value(record, "train_loss"),
         "E-step s": _record_value(record, "e_step_seconds"),
         "M-step s": _record_value(record, "m_step_seconds"),
+        "log evidence": _record_value(record, "log_evidence"),
+        "± se": _record_value(record, "log_evidence_std"),
+        "evidence change": _record_value(record, "log_evidence_change"),
+        "change se": _record_value(record, "log_evidence_change_std"),
     }
 
 

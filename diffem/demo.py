@@ -7,14 +7,18 @@ noise :math:`\sigma_y = 0.01`,
 .. math:: y_i = A_i x_i + e_i, \qquad e_i \sim \mathcal{N}(0, \sigma_y^2 I_2).
 
 No single observation tells where :math:`x_i` is, but together they determine the curve.
-:class:`diffem.DiffusionPriorEM` starts from a Gaussian prior fitted by closed-form EM and
-alternates posterior sampling (E-step, MMPS) and denoiser training (M-step). After every EM
-iteration the demo draws prior samples and measures their sliced Wasserstein distance and
-Sinkhorn divergence to held-out true latents, then writes
+:class:`diffem.DiffusionPriorEM` (its recipe, see :class:`DemoConfig`) starts from a Gaussian
+prior fitted by closed-form EM and alternates posterior sampling (E-step, twisted SMC) and
+denoiser training (M-step). After every EM iteration the estimator records its estimate of the
+mean log-evidence :math:`\frac1n \sum_i \log q_k(y_i)` (with its standard error and its change
+from the previous iteration), which EM increases and on which it stops and keeps its best
+iteration; the demo also draws prior samples and measures their sliced Wasserstein distance and
+Sinkhorn divergence to held-out true latents (which EM never sees), then writes
 
 * ``pairs.png``: pair plots of prior samples at EM iterations 1, 2, 4, 8, ... and the true
   latents (the layout of the paper's figure), and ``corner_final.png``;
-* ``metrics.png``: the metrics against EM iteration;
+* ``metrics.png``: the metrics against EM iteration; ``evidence.png``: the evidence estimate
+  with its error bars;
 * ``posterior.png``: posterior samples :math:`x \sim q(x \mid y_i)` for a few observations;
 * ``history.csv`` and ``table.md``: the per-iteration table that is also printed (with the
   command, date and machine in ``table.md``).
@@ -57,26 +61,29 @@ __all__ = ["DemoConfig", "DemoResult", "distances", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Size of the demo run. :meth:`full` fits in < 10 minutes on 2 CPU cores, :meth:`quick`
+    """Size of the demo run. :meth:`full` took 307 s on 2 shared CPU cores (load ~3), :meth:`quick`
     in < 1 minute.
 
-    ``steps``, ``solver``, ``cg_iter`` and ``warm_start`` configure the MMPS sampler of the
-    E-step and of the prior samples; the defaults are the estimator's
-    (:func:`diffem.em.default_sampler`).
+    The estimator is ``DiffusionPriorEM``'s recipe (its defaults: twisted-SMC E-step after a
+    cheap warm-up, EMA weights, several posterior samples per observation, the network
+    refining the analytic initialisation, the evidence estimated after every iteration, early
+    stopping and the best iteration kept) with the demo's network size, M-step epochs and
+    number of iterations. ``steps`` (with ``particles`` and ``cg_iter``), when set, replaces
+    the recipe's samplers by one smaller :class:`~diffem.samplers.SMC` (the quick run).
     """
 
-    n_samples: int = 8192
-    n_iter: int = 12
+    n_samples: int = 2048
+    n_iter: int = 8
     gaussian_iter: int = 16
+    init_components: int = 1
     hidden: int = 128
     n_blocks: int = 3
     epochs: int = 16
     batch_size: int = 256
     lr: float = 1e-3
-    steps: int = 64
+    steps: int | None = None
+    particles: int = 8
     cg_iter: int = 3
-    solver: str = "dpmpp_2m"
-    warm_start: bool = True
     n_eval: int = 1024
     n_posterior: int = 4
     n_posterior_samples: int = 256
@@ -100,6 +107,8 @@ class DemoConfig:
             epochs=2,
             batch_size=256,
             steps=8,
+            particles=4,
+            cg_iter=1,
             n_eval=256,
             n_posterior=3,
             n_posterior_samples=32,
@@ -147,29 +156,31 @@ def distances(samples: Any, truth: np.ndarray, seed: int = 0) -> dict[str, float
 
 
 def build_estimator(cfg: DemoConfig, verbose: int = 1) -> Any:
-    """The :class:`diffem.DiffusionPriorEM` of the demo: small MLP denoiser, MMPS sampler."""
+    """The :class:`diffem.DiffusionPriorEM` of the demo: the recipe with the demo's sizes."""
     from diffem import DiffusionPriorEM
-    from diffem.denoisers import MLPDenoiser
-    from diffem.samplers import MMPS
+    from diffem.em import recipe_denoiser
+    from diffem.samplers import SMC
 
-    denoiser = MLPDenoiser(
+    denoiser = recipe_denoiser().set_params(
         lr=cfg.lr,
         max_epochs=cfg.epochs,
         batch_size=cfg.batch_size,
         module__hidden_features=cfg.hidden,
         module__n_blocks=cfg.n_blocks,
     )
-    sampler = MMPS(
-        steps=cfg.steps, cg_iter=cfg.cg_iter, solver=cfg.solver, warm_start=cfg.warm_start
-    )
+    samplers: dict[str, Any] = {}
+    if cfg.steps is not None:
+        sampler = SMC(steps=cfg.steps, particles=cfg.particles, cg_iter=cfg.cg_iter)
+        samplers = {"sampler": sampler, "evidence_sampler": sampler}
     return DiffusionPriorEM(
         denoiser=denoiser,
-        sampler=sampler,
         n_iter=cfg.n_iter,
         gaussian_iter=cfg.gaussian_iter,
+        init_components=cfg.init_components,
         device=cfg.device,
         random_state=cfg.random_state,
         verbose=verbose,
+        **samplers,
         **cfg.extra,
     )
 
@@ -248,7 +259,18 @@ def run_demo(
     plotted = set(powers_of_two(cfg.n_iter))
     snapshots: dict[str, np.ndarray] = {}
     rows: list[dict[str, float]] = []
-    columns = ["iteration", "train loss", "E-step s", "M-step s", "sliced W2", "Sinkhorn"]
+    columns = [
+        "iteration",
+        "log evidence",
+        "± se",
+        "evidence change",
+        "change se",
+        "train loss",
+        "E-step s",
+        "M-step s",
+        "sliced W2",
+        "Sinkhorn",
+    ]
 
     def on_iteration(k: int, estimator: Any, record: Mapping[str, Any]) -> None:
         samples = np.asarray(estimator.sample(cfg.n_eval, random_state=cfg.random_state + k))
@@ -281,12 +303,24 @@ def run_demo(
         pair_grid(snapshots, title="Prior samples along EM iterations vs true latents"),
         out / "pairs.png",
     )
-    final = snapshots[next(k for k in reversed(list(snapshots)) if k != "true latents")]
+    kept = est.best_iteration_
+    final = np.asarray(est.sample(cfg.n_eval, random_state=cfg.random_state + kept))
     figures["corner_final"] = save_figure(
-        corner_plot(final, reference, title=f"Prior after {cfg.n_iter} EM iterations"),
+        corner_plot(final, reference, title=f"Kept prior: EM iteration {kept} of {est.n_iter_}"),
         out / "corner_final.png",
     )
     its = [r["iteration"] for r in rows]
+    figures["evidence"] = save_figure(
+        metric_curves(
+            its,
+            {"evidence estimate": [r["log evidence"] for r in rows]},
+            errors={"evidence estimate": [2 * r["± se"] for r in rows]},
+            ylabel="mean log-evidence (nats / observation)",
+            title="Evidence along EM (error bars: 2 standard errors)",
+            logy=False,
+        ),
+        out / "evidence.png",
+    )
     figures["metrics"] = save_figure(
         metric_curves(
             its,
@@ -325,6 +359,12 @@ def run_demo(
     seconds = time.perf_counter() - t_start
     say()
     say(table)
+    best = min(rows[1:], key=lambda r: r["Sinkhorn"], default=rows[0])
+    say(
+        f"\nkept prior: EM iteration {kept} of {est.n_iter_} (highest evidence; converged: "
+        f"{est.converged_}), Sinkhorn {rows[kept]['Sinkhorn']:.3g}; lowest Sinkhorn along EM "
+        f"{best['Sinkhorn']:.3g} at iteration {best['iteration']}."
+    )
     say(
         f"\nfigures written to {out}/ ({', '.join(p.name for p in figures.values())}); "
         f"total {seconds:.0f} s."

@@ -183,15 +183,22 @@ def metric_curves(
     curves: Mapping[str, Sequence[float]],
     *,
     baselines: Mapping[str, float] | None = None,
+    errors: Mapping[str, Sequence[float]] | None = None,
     ylabel: str = "metric",
     title: str | None = None,
     logy: bool = True,
 ) -> Figure:
-    """Metrics against EM iteration, with horizontal lines for constant baselines."""
+    """Metrics against EM iteration, with horizontal lines for constant baselines and, for the
+    curves named in ``errors``, error bars of those half-widths."""
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
     it = np.asarray(iterations, dtype=np.float64)
     for name, values in curves.items():
-        ax.plot(it, np.asarray(values, dtype=np.float64), marker="o", ms=3, label=name)
+        values = np.asarray(values, dtype=np.float64)
+        if errors is not None and name in errors:
+            bars = np.asarray(errors[name], dtype=np.float64)
+            ax.errorbar(it, values, yerr=bars, marker="o", ms=3, capsize=2, label=name)
+        else:
+            ax.plot(it, values, marker="o", ms=3, label=name)
     styles = ["--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
     for k, (name, value) in enumerate((baselines or {}).items()):
         ax.axhline(value, ls=styles[k % len(styles)], color=f"C{k + 2}", label=name)

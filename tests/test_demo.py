@@ -11,7 +11,7 @@ import torch
 
 from diffem.__main__ import main
 
-FIGURES = ("pairs.png", "corner_final.png", "metrics.png", "posterior.png")
+FIGURES = ("pairs.png", "corner_final.png", "metrics.png", "evidence.png", "posterior.png")
 
 
 @pytest.mark.timeout(300)
@@ -28,8 +28,18 @@ def test_demo_quick(tmp_path, capsys):
     for name in FIGURES:
         path = tmp_path / name
         assert path.is_file() and path.stat().st_size > 1000, name
-    for column in ("iteration", "train loss", "E-step s", "M-step s", "sliced W2", "Sinkhorn"):
+    for column in (
+        "iteration",
+        "log evidence",
+        "evidence change",
+        "train loss",
+        "E-step s",
+        "M-step s",
+        "sliced W2",
+        "Sinkhorn",
+    ):
         assert column in out
+    assert "kept prior: EM iteration" in out
     assert (tmp_path / "table.md").read_text().count("\n") >= 4
 
     with open(tmp_path / "history.csv") as f:
@@ -41,6 +51,7 @@ def test_demo_quick(tmp_path, capsys):
         assert math.isfinite(float(r["Sinkhorn"]))
     for r in rows[1:]:
         assert math.isfinite(float(r["train loss"]))
+        assert math.isfinite(float(r["log evidence"])) and float(r["± se"]) > 0
     # the budget of the quick path is 60 s on 2 CPU cores; leave room for a loaded machine
     assert seconds < 180, f"the quick demo took {seconds:.0f} s"
 
@@ -54,11 +65,11 @@ def test_cli_help(capsys):
     assert "--quick" in capsys.readouterr().out
 
 
-def test_config_sampler_options():
+def test_config_is_the_recipe():
     from diffem.demo import DemoConfig, build_estimator
-    from diffem.em import default_sampler
 
-    default = build_estimator(DemoConfig.full(), verbose=0).sampler
-    assert default.get_params() == default_sampler().get_params()  # the estimator's default
-    custom = build_estimator(DemoConfig.quick(solver="ancestral", cg_iter=1), verbose=0).sampler
-    assert (custom.solver, custom.cg_iter, custom.steps) == ("ancestral", 1, 8)
+    full = build_estimator(DemoConfig.full(), verbose=0)
+    assert full.sampler is None and full.evidence_sampler is None  # the recipe's samplers
+    assert full.keep_best and full.tol is not None
+    quick = build_estimator(DemoConfig.quick(cg_iter=2), verbose=0)
+    assert (quick.sampler.steps, quick.sampler.particles, quick.sampler.cg_iter) == (8, 4, 2)

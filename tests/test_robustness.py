@@ -153,6 +153,10 @@ class TestValidation:
             "score_steps": 0,
             "verbose": -1,
             "device": "not-a-device",
+            "e_step_samples": 0,
+            "lr_decay": 0.0,
+            "tol": -0.1,
+            "n_iter_no_change": 0,
         }
         for name, value in cases.items():
             est = DiffusionPriorEM(**{name: value})  # construction never validates

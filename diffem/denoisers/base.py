@@ -162,6 +162,12 @@ class Denoiser(NeuralNet):
         skorch's ``LRScheduler`` with torch's ``CosineAnnealingLR``, callback
         ``lr_schedule``); use ``"constant"`` when passing your own ``LRScheduler`` callback.
         The learning rate is back at ``lr`` after each call.
+    base : callable or None
+        An analytic denoiser :math:`D_0(x_t, \sigma)` that the network refines (e.g. a
+        :class:`~diffem.priors.GaussianPrior`): the skip term :math:`c_{\text{skip}} x_t`
+        becomes :math:`D_0(x_t, \sigma)`, so that :math:`D_\theta = D_0 + c_{\text{out}}
+        F_\theta` and, since the backbones start with a zero output layer, an untrained net is
+        exactly :math:`D_0`. ``None``: the EDM skip connection.
     random_state : int, numpy.random.RandomState or None
         Seeds weight initialisation, shuffling and the training noise, with scikit-learn's
         semantics (``None`` draws from NumPy's global random state). Training is
@@ -229,6 +235,7 @@ class Denoiser(NeuralNet):
         ema_decay: float | None = None,
         clip_grad_norm: float | None = 1.0,
         lr_schedule: str = "cosine",
+        base: Any = None,
         random_state: int | np.random.RandomState | None = None,
         warm_start: bool = False,
         verbose: int = 0,
@@ -264,6 +271,7 @@ class Denoiser(NeuralNet):
         self.ema_decay = ema_decay
         self.clip_grad_norm = clip_grad_norm
         self.lr_schedule = lr_schedule
+        self.base = base
         self.random_state = random_state
 
     # ------------------------------------------------------------------ configuration
@@ -668,13 +676,15 @@ class Denoiser(NeuralNet):
 
     def _denoise(self, module: nn.Module, x_t: Tensor, sigma: Tensor) -> Tensor:
         r""":math:`c_{\text{skip}} x_t + c_{\text{out}} F(c_{\text{in}} x_t, c_{\text{noise}})`
-        for ``x_t`` ``(B, D)`` and ``sigma`` ``(B,)``."""
+        for ``x_t`` ``(B, D)`` and ``sigma`` ``(B,)``; with ``base``, :math:`D_0(x_t, \sigma)`
+        in place of the skip term."""
         pre = self.preconditioning
         s = sigma.reshape(-1, *([1] * (x_t.ndim - 1)))
         # sigma = 0 gives D = x_t exactly; the clamp only keeps c_noise finite.
         safe = sigma.clamp_min(torch.finfo(sigma.dtype).tiny)
         out = module(pre.c_in(s) * x_t, pre.c_noise(safe))
-        return pre.c_skip(s) * x_t + pre.c_out(s) * out
+        skip = pre.c_skip(s) * x_t if self.base is None else self.base(x_t, safe)
+        return skip + pre.c_out(s) * out
 
     def _module_dtype_device(self, module: nn.Module) -> tuple[torch.dtype, torch.device]:
         p = next(module.parameters(), None)

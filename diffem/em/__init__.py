@@ -1,7 +1,26 @@
-r"""Expectation-maximisation for diffusion priors: :class:`DiffusionPriorEM` and its helpers
-(input validation, checkpoints, log-evidence estimation)."""
+r"""Expectation-maximisation for diffusion priors: :class:`DiffusionPriorEM`, the learned
+prior :class:`DiffusionPrior` and their helpers (input validation, checkpoints, log-evidence
+estimation)."""
 
-from diffem.em.estimator import DiffusionPriorEM, default_sampler
+from diffem.em.estimator import (
+    DiffusionPriorEM,
+    default_sampler,
+    recipe_denoiser,
+    recipe_evidence_sampler,
+    recipe_sampler,
+    recipe_warmup_sampler,
+)
 from diffem.em.evidence import importance_log_evidence, ode_log_density
+from diffem.em.prior import DiffusionPrior
 
-__all__ = ["DiffusionPriorEM", "default_sampler", "importance_log_evidence", "ode_log_density"]
+__all__ = [
+    "DiffusionPrior",
+    "DiffusionPriorEM",
+    "default_sampler",
+    "importance_log_evidence",
+    "ode_log_density",
+    "recipe_denoiser",
+    "recipe_evidence_sampler",
+    "recipe_sampler",
+    "recipe_warmup_sampler",
+]

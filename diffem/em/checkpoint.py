@@ -24,7 +24,7 @@ import joblib
 __all__ = ["find_checkpoint", "fingerprint", "save_checkpoint"]
 
 _PATTERN = re.compile(r"^em_iter(\d{4,})\.joblib$")
-_FORMAT = 1
+_FORMAT = 2
 
 # Parameters that do not change the fitted prior (or that may change between resumed runs).
 _IGNORED = {
@@ -38,6 +38,10 @@ _IGNORED = {
     "score_steps",
     "denoiser",
     "sampler",
+    "warmup_sampler",
+    "tol",
+    "n_iter_no_change",
+    "keep_best",
 }
 
 

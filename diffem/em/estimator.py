@@ -13,31 +13,27 @@ any :math:`\theta_k`, the EM update (the paper's eqs. (5)-(6))
     \big[\log q_\theta(x) + \log p(y \mid x)\big]
     = \arg\max_\theta E_{p(y)} E_{q_{\theta_k}(x \mid y)}\big[\log q_\theta(x)\big]
 
-never decreases the mean log-evidence. With a diffusion model, the E-step draws one sample
-:math:`x_i \sim q_{\theta_k}(x \mid y_i)` per observation with a posterior sampler (MMPS by
-default), and the M-step trains the denoiser on these samples by denoising score matching,
-warm-started from :math:`\theta_k`. The EM starts from a Gaussian prior fitted by closed-form EM
-(:func:`diffem.priors.fit_gaussian`), which is also the denoiser of the first E-step.
+never decreases the mean log-evidence. With a diffusion model, the E-step draws posterior
+samples :math:`x_i \sim q_{\theta_k}(x \mid y_i)` with a posterior sampler and the M-step trains
+the denoiser on them by denoising score matching, warm-started from :math:`\theta_k`. The EM
+starts from a Gaussian prior fitted by closed-form EM (:func:`diffem.priors.fit_gaussian`), whose
+exact posterior gives the first E-step. The recipe (the defaults) and its measurements are in
+the documentation (``docs/em_recipe.md``).
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import math
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
-from skorch.callbacks import Callback
 from torch import Tensor
 
 from diffem._device import loadable_device, resolve_device
@@ -45,99 +41,79 @@ from diffem._random import draw_seed as _seed
 from diffem._random import torch_generator as _generator
 from diffem._validation import check_int
 from diffem.denoisers import DivergenceError, MLPDenoiser
+from diffem.em._interrupt import InterruptFlag
+from diffem.em._persistence import dumps, loads
+from diffem.em._progress import EpochProgress, em_progress, postfix
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
 from diffem.em.distributed import DataParallel, data_parallel_training, resolve_data_parallel
-from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
+from diffem.em.evidence import moment_matched_gaussian
+from diffem.em.prior import DiffusionPrior
 from diffem.em.validation import check_observations, check_params, resolve_operator
 from diffem.operators import Operator
-from diffem.priors import GaussianPrior, fit_gaussian
-from diffem.samplers import MMPS, Unconditional
+from diffem.priors import GaussianPrior, fit_gaussian, fit_gaussian_mixture
+from diffem.priors.base import AnalyticPrior
+from diffem.samplers import MMPS, SMC
 
 __all__ = ["DiffusionPriorEM", "default_sampler"]
 
 # Fitted attributes holding tensors; pickled through torch.save so that they can be mapped to
 # the CPU when CUDA is unavailable at load time.
-_TORCH_ATTRIBUTES = ("denoiser_", "sampler_", "gaussian_prior_", "proposal_")
-
-# Largest dimension for which the cheap evidence proxy of the history is computed.
-_PROXY_MAX_DIM = 64
-_PROXY_MAX_ROWS = 2048
+_TORCH_ATTRIBUTES = (
+    "denoiser_",
+    "sampler_",
+    "evidence_sampler_",
+    "gaussian_prior_",
+    "init_prior_",
+    "proposal_",
+    "_network",
+    "_e_samples",
+)
 
 
 def default_sampler() -> MMPS:
-    r"""The E-step sampler of ``DiffusionPriorEM(sampler=None)``:
-    ``MMPS(steps=64, cg_iter=3, solver="dpmpp_2m", warm_start=True)``, one forward pass and
-    four vector-Jacobian products per step. With an exact Gaussian denoiser its means are
-    unbiased and its covariance error is within 1.2x of the sampling floor; the residual guard
-    (:func:`diffem.samplers.guidance.residual_guard`) keeps the accurate solve from throwing
-    samples off the data with a learned denoiser."""
+    r"""The accurate single-particle sampler: ``MMPS(steps=64, cg_iter=3, solver="dpmpp_2m",
+    warm_start=True)``, one forward pass and four vector-Jacobian products per step. With an
+    exact Gaussian denoiser its means are unbiased and its covariance error is within 1.2x of
+    the sampling floor; the residual guard (:func:`diffem.samplers.guidance.residual_guard`)
+    keeps the accurate solve from throwing samples off the data with a learned denoiser."""
     return MMPS(steps=64, cg_iter=3, solver="dpmpp_2m", warm_start=True)
-
-
-class _EpochProgress(Callback):
-    """A skorch callback showing a tqdm bar over the epochs of one M-step (``verbose >= 2``)."""
-
-    def __init__(self, desc: str = "M-step") -> None:
-        self.desc = desc
-
-    def on_train_begin(self, net: Any, **kwargs: Any) -> None:
-        from tqdm.auto import tqdm
-
-        self.bar_ = tqdm(total=int(net.max_epochs), desc=self.desc, leave=False)
-
-    def on_epoch_end(self, net: Any, **kwargs: Any) -> None:
-        bar = getattr(self, "bar_", None)
-        if bar is not None:
-            loss = net.history[-1].get("train_loss", float("nan"))
-            bar.set_postfix(loss=f"{loss:.4g}")
-            bar.update(1)
-
-    def on_train_end(self, net: Any, **kwargs: Any) -> None:
-        bar = getattr(self, "bar_", None)
-        if bar is not None:
-            bar.close()
-        self.bar_ = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["bar_"] = None  # a progress bar is not picklable (and not state)
-        return state
-
-
-class _InterruptFlag:
-    """Records SIGINT during ``fit``: skorch swallows ``KeyboardInterrupt`` inside training, so
-    the estimator installs a handler that notes it before raising it as usual."""
-
-    def __init__(self) -> None:
-        self.raised = False
-
-    @contextmanager
-    def watch(self) -> Iterator[_InterruptFlag]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = signal.getsignal(signal.SIGINT)
-
-        def handler(signum: int, frame: Any) -> None:
-            self.raised = True
-            if callable(previous):
-                previous(signum, frame)
-            raise KeyboardInterrupt
-
-        try:
-            signal.signal(signal.SIGINT, handler)
-        except ValueError:  # pragma: no cover - not the main interpreter
-            yield self
-            return
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def _sub_seed(base: int, *keys: int) -> int:
     """Independent seeds per EM iteration and stage, from one base seed."""
     return int(np.random.SeedSequence([base, *keys]).generate_state(1)[0])
+
+
+def recipe_sampler() -> SMC:
+    r"""The accurate E-step sampler of ``DiffusionPriorEM(sampler=None)``, also its
+    ``sample_posterior`` and ``transform``: twisted SMC with 32 DPM-Solver++(2M) steps, 8
+    particles per observation and three CG iterations (:class:`~diffem.samplers.SMC`). Its
+    importance weights remove the samples that the moment-matching Gaussian approximation puts
+    where the prior has no mass (multimodal posteriors), and with an exact Gaussian denoiser
+    its covariance error is within 1.15x of the sampling floor."""
+    return SMC(steps=32, particles=8, cg_iter=3, solver="dpmpp_2m")
+
+
+def recipe_warmup_sampler() -> SMC:
+    r"""The cheap E-step sampler of the first ``warmup_iter`` iterations of
+    ``DiffusionPriorEM(sampler=None, warmup_sampler=None)``: twisted SMC with 16 steps, 8
+    particles and one CG iteration, a quarter of :func:`recipe_sampler`'s cost."""
+    return SMC(steps=16, particles=8, cg_iter=1, solver="dpmpp_2m")
+
+
+def recipe_denoiser() -> MLPDenoiser:
+    r"""The denoiser of ``DiffusionPriorEM(denoiser=None)``: :class:`MLPDenoiser` (3 residual
+    blocks of width 256) with an exponential moving average of its weights (decay 0.999), used
+    by the E-step, and a fresh learning-rate cosine per M-step."""
+    return MLPDenoiser(ema_decay=0.999)
+
+
+def recipe_evidence_sampler() -> SMC:
+    r"""The evidence estimator of ``DiffusionPriorEM(evidence_sampler=None)``: twisted SMC with
+    32 DPM-Solver++(2M) steps, 64 particles and one CG iteration, whose normalising constant
+    estimates :math:`q_\theta(y_i)` (consistent as the particles grow, biased low by
+    :math:`O(1/K)`)."""
+    return SMC(steps=32, particles=64, cg_iter=1, solver="dpmpp_2m")
 
 
 class DiffusionPriorEM(TransformerMixin, BaseEstimator):
@@ -149,38 +125,38 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     differentiable :class:`diffem.operators.Nonlinear` operator: the samplers linearise it at
     each step's denoiser estimate, and the Gaussian initialisation, its first E-step and the
     proposal of :meth:`score_samples` use its linearisation about each posterior mean
-    (:mod:`diffem.priors.linearize`). The fit starts from a Gaussian prior (closed-form EM,
-    :func:`diffem.priors.fit_gaussian`) and runs ``n_iter`` EM iterations (Rozet et al., 2024,
-    eqs. (5)-(6)):
+    (:mod:`diffem.priors.linearize`). The fit starts from a Gaussian prior :math:`q_0`
+    (closed-form EM, :func:`diffem.priors.fit_gaussian`), draws ``e_step_samples`` exact
+    posterior samples per observation from it, then runs ``n_iter`` EM iterations
+    (Rozet et al., 2024, eqs. (5)-(6)), iteration :math:`k` being
 
     .. math::
-        \text{E-step: } x_i \sim q_{\theta_k}(x \mid y_i) \text{ (posterior sampler)}, \qquad
-        \text{M-step: } \theta_{k+1} = \arg\min_\theta \frac1n \sum_i
-        E_{\sigma, z}\big[\lambda(\sigma) \lVert D_\theta(x_i + \sigma z, \sigma) - x_i
-        \rVert^2\big],
+        \text{M-step: } \theta_k = \arg\min_\theta \frac{1}{nS} \sum_{i,s}
+        E_{\sigma, z}\big[\lambda(\sigma) \lVert D_\theta(x_{is} + \sigma z, \sigma) - x_{is}
+        \rVert^2\big], \qquad
+        \text{E-step: } x_{is} \sim q_{\theta_k}(x \mid y_i),
 
-    the M-step warm-started from :math:`\theta_k` (``denoiser.partial_fit``). The first E-step
-    uses the Gaussian prior as the denoiser.
+    the M-step warm-started from :math:`\theta_{k-1}` (``denoiser.partial_fit``), the E-step
+    with the posterior sampler, which also estimates the mean log-evidence
+    :math:`\frac1n \sum_i \log q_{\theta_k}(y_i)` that EM increases (``history_``). The fit stops
+    early when that evidence stops rising (``tol``, ``n_iter_no_change``).
 
     Parameters
     ----------
     denoiser : diffem.denoisers.Denoiser or None
         The learned denoiser (unfitted; the estimator fits a clone). ``None``:
-        ``MLPDenoiser()``. Its ``sigma_data`` is set from the scale of the data (the root mean
-        square of the Gaussian initialisation), its ``device`` to the estimator's, and its
+        :func:`recipe_denoiser`. Its ``sigma_data`` is set from the scale of the data (the root
+        mean square of the Gaussian initialisation), its ``device`` to the estimator's, and its
         ``random_state`` (when ``None``) from ``random_state``.
     sampler : diffem.samplers.PosteriorSampler or None
-        The E-step's posterior sampler (cloned) for the iterations whose prior is a diffusion
-        model (the first E-step samples the Gaussian initialisation's exact posterior).
-        ``None``: :func:`default_sampler`, MMPS with 64 DPM-Solver++(2M) steps and three
-        warm-started CG iterations, which reproduces exact Gaussian posteriors at the sampling
-        floor (the paper's ``MMPS()``, 64 ancestral steps and one cold CG iteration, is 1.4-3.4x
-        above it); ``diffem.samplers.SMC()`` is asymptotically exact at ``particles`` times
-        the cost. Its ``sigma_min`` and
-        ``sigma_max`` are set to the denoiser's and its ``sigma_data`` (if any) to the data
-        scale, so that the schedules agree.
-    n_iter : int, default=8
-        EM iterations. ``0`` gives the Gaussian prior (then every method is exact).
+        The E-step's posterior sampler (cloned) after the warm-up, also used by
+        :meth:`sample_posterior` and :meth:`transform`. ``None``: :func:`recipe_sampler`,
+        twisted SMC with 8 particles (:func:`default_sampler` is the accurate single-particle
+        MMPS). Its ``sigma_min`` and ``sigma_max`` are set to the denoiser's and its
+        ``sigma_data`` (if any) to the data scale.
+    n_iter : int, default=16
+        Maximum number of EM iterations. ``0`` gives the Gaussian prior (then every method is
+        exact).
     noise_std : float, default=0.0
         Observation noise std when ``operator=None``.
     device : {"auto", "cpu", "cuda", ...} or torch.device, default="auto"
@@ -190,8 +166,55 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         Makes ``fit``, ``sample``, ``sample_posterior``, ``transform`` and ``score_samples``
         reproducible on the same device (a method's own ``random_state`` overrides it).
     verbose : int, default=0
-        ``1``: a progress bar over EM iterations (with the loss and timings); ``2``: also over
-        the sampling steps and training epochs.
+        ``1``: a progress bar over EM iterations (with the loss, the evidence and the
+        timings); ``2``: also over the sampling steps and training epochs.
+    warmup_sampler : diffem.samplers.PosteriorSampler or None
+        The cheaper E-step sampler of the first ``warmup_iter`` iterations, while the prior is
+        still far from the data's. ``None``: :func:`recipe_warmup_sampler` when ``sampler`` is
+        ``None`` too, else ``sampler`` itself (no warm-up).
+    warmup_iter : int, default=4
+        Number of EM iterations whose E-step uses ``warmup_sampler``.
+    e_step_samples : int, default=4
+        Posterior samples per observation drawn by each E-step: the M-step trains on
+        ``n * e_step_samples`` samples. With SMC they are drawn from each observation's
+        particles (at no extra cost; correlated when above the effective sample size).
+    reset_optimizer : bool, default=False
+        Whether each M-step starts with a fresh optimizer state (as in the paper's code)
+        instead of the previous M-step's.
+    lr_decay : float, default=1.0
+        The M-step of iteration :math:`k` trains with learning rate
+        ``denoiser.lr * lr_decay ** (k - 1)`` (and the denoiser's schedule within the M-step):
+        decreasing steps let the M-step noise vanish, as stochastic-approximation EM needs.
+    evidence_sampler : diffem.samplers.SMC or None
+        The sampler whose normalising constants estimate the evidence of every iteration's
+        prior on ``evidence_rows`` observations (the last particle system's estimate
+        :math:`\log \hat{Z}_i` of :math:`\log q_\theta(y_i)`, ``SMC.log_evidence_``).
+        ``None``: :func:`recipe_evidence_sampler`.
+    evidence_rows : int or None, default=128
+        Observations (a fixed random subset of the training ones) on which the evidence is
+        estimated after every iteration; ``None``: all. Its cost is ``evidence_rows`` times
+        ``evidence_sampler``'s particles times its steps guided denoiser evaluations.
+    tol : float or None, default=0.01
+        The evidence must rise by more than ``tol`` (nats per observation) over its best value
+        to count as an improvement. ``None``: no early stopping.
+    n_iter_no_change : int or None, default=4
+        Stop when ``n_iter_no_change`` consecutive iterations bring no improvement
+        (``converged_`` is then true); when ``n_iter`` runs out first, a
+        :class:`~sklearn.exceptions.ConvergenceWarning` is issued. ``None``: run ``n_iter``
+        iterations, without warning.
+    keep_best : bool, default=True
+        Whether the fitted prior is that of the iteration with the highest evidence
+        (``best_iteration_``) rather than the last one.
+    init_components : int, default=1
+        Components of the analytic prior that EM starts from: ``1`` is the Gaussian of the
+        paper; more is a Gaussian mixture fitted by extreme deconvolution
+        (:func:`diffem.priors.fit_gaussian_mixture`, ``4 * gaussian_iter`` iterations), whose
+        exact posterior gives the first E-step.
+    refine_init : bool, default=True
+        Whether the network refines the analytic initialisation's exact denoiser (the
+        denoiser's ``base``): :math:`D_\theta = D_0 + c_{\text{out}} F_\theta` with
+        :math:`F_\theta` starting at zero, so that the first M-step starts from the very prior
+        whose posterior the first E-step sampled, and learns only what it lacks.
     gaussian_iter : int, default=16
         Iterations of the closed-form Gaussian EM of the initialisation.
     gaussian_rank : int or None, default=None
@@ -206,14 +229,15 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         Heun steps of the probability-flow ODE that gives :math:`\log q(x)` in
         :meth:`score_samples` (cost proportional; error :math:`O(1/\text{steps}^2)`).
     batch_size : int, default=4096
-        Observations per E-step chunk (bounds device memory), and proposals per ODE batch in
+        Rows per E-step chunk (bounds device memory), and proposals per ODE batch in
         :meth:`score_samples`.
     checkpoint_dir : str, path or None, default=None
         If set, the state is saved there after every EM iteration, and ``fit`` resumes from
         the latest compatible checkpoint (same hyper-parameters and data).
     callback : callable or None, default=None
         ``callback(estimator, record)`` is called after the Gaussian initialisation (with
-        ``record = {"iteration": 0}``) and after every completed EM iteration (with that
+        ``record = {"iteration": 0, "log_evidence": ..., "log_evidence_std": ...}``, the exact
+        evidence of the Gaussian) and after every completed EM iteration (with that
         iteration's ``history_`` record), the estimator then holding that iteration's prior:
         e.g. to evaluate or plot the prior along EM. It must not refit the estimator.
     distributed : {"auto", True, False}, default="auto"
@@ -227,27 +251,38 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
 
     Attributes
     ----------
+    prior_ : diffem.priors.GaussianPrior or diffem.em.DiffusionPrior
+        The learned prior, with ``sample``, ``sample_posterior``, ``posterior_mean`` and
+        ``log_evidence``; every public method delegates to it.
     denoiser_ : Denoiser or GaussianPrior
-        The learned prior's denoiser :math:`E[x \mid x_t]`; the Gaussian prior when
-        ``n_iter_ == 0``.
+        The learned prior's denoiser :math:`E[x \mid x_t]`; the Gaussian prior when the fit
+        kept no diffusion iteration.
     sampler_ : PosteriorSampler
         The E-step sampler, with the schedule used.
     gaussian_prior_ : GaussianPrior
         The Gaussian initialisation.
     proposal_ : GaussianPrior
-        The Gaussian moment-matched to the last E-step's samples (the training data of the
-        final M-step; Ledoit-Wolf covariance): its posteriors are the importance proposals of
+        The Gaussian moment-matched to the E-step samples the kept prior was trained on
+        (Ledoit-Wolf covariance): its posteriors are the importance proposals of
         :meth:`score_samples`, and its flow the reference of the probability-flow ODE. Absent
-        when ``n_iter_ == 0``.
+        while the kept prior is the analytic initialisation.
     history_ : list of dict
-        One record per completed EM iteration: ``iteration``, ``e_step_seconds``,
-        ``m_step_seconds``, ``train_loss`` (last epoch), ``n_epochs``, the sampler's
+        One record per completed EM iteration: ``iteration``, ``m_step_seconds``,
+        ``train_loss`` (last epoch), ``n_epochs``, ``e_step_seconds``, the E-step sampler's
         diagnostics prefixed ``sampler_``, ``sample_mean`` and ``sample_std`` (of the E-step
-        samples, averaged over features) and, for ``D <= 64``, ``gaussian_log_evidence``: the
-        mean log-evidence of the observations under the Gaussian moment-matched to the E-step
-        samples (a cheap proxy of the evidence that EM increases).
+        samples), and the evidence of the iteration's prior: ``log_evidence`` (mean over the
+        observations of the estimate of :math:`\log q_{\theta_k}(y_i)`), ``log_evidence_std``
+        (its standard error), ``log_evidence_change`` and ``log_evidence_change_std`` (the mean
+        change from the previous iteration over the same observations, and its standard error),
+        ``log_evidence_rows`` (observations used).
+    initial_log_evidence_ : float
+        The exact mean log-evidence of the Gaussian initialisation.
     n_iter_ : int
         Completed EM iterations.
+    best_iteration_ : int
+        The iteration whose prior is kept (``keep_best``; else the last); 0 is the Gaussian.
+    converged_ : bool
+        Whether the evidence stopped rising before ``n_iter`` (``tol``, ``n_iter_no_change``).
     n_features_in_ : int
         Dimension ``D`` of the latents.
     device_ : torch.device
@@ -262,6 +297,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
 
     Notes
     -----
+    *Evidence.* With an SMC E-step, the evidence of iteration :math:`k` is the logarithm of the
+    particle system's normalising-constant estimate (:class:`~diffem.samplers.SMC`,
+    ``log_evidence_``), for every training observation: it is consistent as the particles grow
+    (biased low by :math:`O(1/K)`), and free. Differences between iterations are paired over the
+    same observations, so their standard error is much smaller than that of each value.
+
     *Interruption.* ``KeyboardInterrupt`` (Ctrl-C) during an EM iteration restores the state of
     the last completed iteration (the denoiser weights from before the interrupted M-step),
     sets ``interrupted_``, warns, and returns ``self``, like skorch's training loop: the
@@ -292,12 +333,24 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self,
         denoiser: Any = None,
         sampler: Any = None,
-        n_iter: int = 8,
+        n_iter: int = 16,
         noise_std: float = 0.0,
         device: str | torch.device = "auto",
         random_state: int | np.random.RandomState | None = None,
         verbose: int = 0,
         *,
+        warmup_sampler: Any = None,
+        warmup_iter: int = 4,
+        e_step_samples: int = 4,
+        reset_optimizer: bool = False,
+        lr_decay: float = 1.0,
+        evidence_sampler: Any = None,
+        evidence_rows: int | None = 128,
+        tol: float | None = 0.01,
+        n_iter_no_change: int | None = 4,
+        keep_best: bool = True,
+        init_components: int = 1,
+        refine_init: bool = True,
         gaussian_iter: int = 16,
         gaussian_rank: int | None = None,
         n_transform_samples: int = 16,
@@ -315,6 +368,18 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.device = device
         self.random_state = random_state
         self.verbose = verbose
+        self.warmup_sampler = warmup_sampler
+        self.warmup_iter = warmup_iter
+        self.e_step_samples = e_step_samples
+        self.reset_optimizer = reset_optimizer
+        self.lr_decay = lr_decay
+        self.evidence_sampler = evidence_sampler
+        self.evidence_rows = evidence_rows
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.keep_best = keep_best
+        self.init_components = init_components
+        self.refine_init = refine_init
         self.gaussian_iter = gaussian_iter
         self.gaussian_rank = gaussian_rank
         self.n_transform_samples = n_transform_samples
@@ -366,17 +431,15 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         op = resolve_operator(operator, Y_np, noise_std=float(self.noise_std))
         Y_t = op.prepare(torch.from_numpy(Y_np).to(op.dtype))  # raises on NaN where observed
         device = resolve_device(self.device)
-        d = op.n_features
-        self._reset_fitted()
         # distributed hook: the launcher's process group (None in a single process)
         group = resolve_data_parallel(self.distributed, device)
         device = device if group is None else group.device
+        self._reset_fitted()
 
         base_seed = _seed(self.random_state)
         if group is not None:
             base_seed = group.broadcast_int(base_seed)  # the same EM on every rank
-        key = None
-        payload = None
+        key = payload = None
         if self.checkpoint_dir is not None:
             key = fingerprint(self.get_params(deep=True), Y_np, op)
             payload = find_checkpoint(self.checkpoint_dir, key, int(self.n_iter))
@@ -386,23 +449,21 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             self.resumed_from_ = int(payload["iteration"])
         else:
             self._initialise(Y_t, op, device, base_seed)
-        self.n_features_in_ = d
-        if self.callback is not None and payload is None:
-            self.callback(self, {"iteration": 0})
+            if self.callback is not None:
+                self.callback(self, self._initial_record())
 
-        start = self.n_iter_
-        flag = _InterruptFlag()
-        main = group is None or group.is_main
-        bar = self._em_progress(start) if main else None
         self._data_parallel = group  # distributed hook, read by the E- and M-steps
+        flag = InterruptFlag()
+        main = group is None or group.is_main
+        bar = em_progress(int(self.n_iter), self.n_iter_, int(self.verbose)) if main else None
         try:
             with flag.watch():
-                for k in range(start, int(self.n_iter)):
-                    if not self._em_iteration(k, Y_t, op, base_seed, flag):
+                while self.n_iter_ < int(self.n_iter) and not self.converged_:
+                    if not self._em_iteration(self.n_iter_ + 1, Y_t, op, base_seed, flag):
                         break
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(self._postfix(self.history_[-1]))
+                        bar.set_postfix(postfix(self.history_[-1]))
                     if key is not None and main:
                         self._save_checkpoint(key, base_seed)
                     if self.callback is not None:
@@ -417,9 +478,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 stacklevel=2,
             )
         finally:
-            del self._data_parallel
             if bar is not None:
                 bar.close()
+            del self._data_parallel
+        self._finish()
         return self
 
     def fit_transform(
@@ -435,13 +497,61 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ fit: pieces
     def _reset_fitted(self) -> None:
         for name in list(vars(self)):
-            if (name.endswith("_") and not name.startswith("__")) or name == "_network":
+            if (name.endswith("_") and not name.startswith("__")) or name in _PRIVATE_STATE:
                 delattr(self, name)
         self.interrupted_ = False
         self.resumed_from_ = None
 
     def _initialise(self, Y: Tensor, op: Operator, device: torch.device, base_seed: int) -> None:
-        """Gaussian initialisation, cloned denoiser and sampler with consistent schedules."""
+        """The analytic initialisation, the cloned denoiser and samplers with consistent
+        schedules, and the first E-step: exact posterior samples of the initialisation."""
+        self.n_features_in_ = op.n_features
+        self.device_ = device
+        self._fit_analytic(Y, op, device, base_seed)
+        denoiser = self._configured_denoiser(device, base_seed)
+        self.sampler_ = self._configured(
+            recipe_sampler() if self.sampler is None else self.sampler, denoiser
+        )
+        if self.warmup_sampler is not None:
+            self._warmup_sampler = self._configured(self.warmup_sampler, denoiser)
+        elif self.sampler is None:
+            self._warmup_sampler = self._configured(recipe_warmup_sampler(), denoiser)
+        else:
+            self._warmup_sampler = self.sampler_
+        evidence = (
+            recipe_evidence_sampler() if self.evidence_sampler is None else self.evidence_sampler
+        )
+        self.evidence_sampler_ = self._configured(evidence, denoiser)
+        self._network = denoiser  # the network being trained (unfitted until the first M-step)
+        self._initial_lr = float(getattr(denoiser, "lr", math.nan))
+        self.denoiser_ = self.init_prior_
+        self.history_: list[dict[str, Any]] = []
+        self.n_iter_ = 0
+        self.best_iteration_ = 0
+        self.converged_ = False
+        init = self.init_prior_.to(device)
+        exact = torch.as_tensor(init.log_evidence(Y, op), dtype=torch.float64)
+        self.initial_exact_log_evidence_ = float(exact.mean())
+        self.initial_log_evidence_ = self.initial_exact_log_evidence_
+        # keep_best chooses among the EM iterations (the analytic start is iteration 0)
+        self._best = {"evidence": -math.inf, "iteration": 0, "network": None}
+        self._no_change = 0
+        self._initial_stats: dict[str, float] = {}
+        if int(self.n_iter) == 0:
+            return
+        # The first E-step samples the analytic prior's exact posterior; its evidence is also
+        # estimated as every iteration's will be, so that the changes compare like with like.
+        generator = _generator(_sub_seed(base_seed, 0, 2), device)
+        samples = init.sample_posterior(Y, op, int(self.e_step_samples), generator)
+        self._e_samples = torch.from_numpy(samples)
+        self._evidence_rows = _evidence_rows(len(Y), self.evidence_rows, base_seed)
+        self._last_evidence = self._evidence(init, Y, op, _sub_seed(base_seed, 0, 5))
+        self.initial_log_evidence_ = float(self._last_evidence.mean())
+        self._initial_stats = _sample_stats(self._e_samples)
+
+    def _fit_analytic(self, Y: Tensor, op: Operator, device: torch.device, base_seed: int) -> None:
+        """The Gaussian fitted by closed-form EM (``gaussian_prior_``, which sets the data
+        scale) and the prior EM starts from (``init_prior_``: that Gaussian, or a mixture)."""
         prior = fit_gaussian(
             Y,
             op,
@@ -452,12 +562,24 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         )
         self.gaussian_prior_ = prior.to("cpu")
         mean = self.gaussian_prior_.mean.double()
-        variance = self._prior_variances(self.gaussian_prior_)
+        variance = _prior_variances(self.gaussian_prior_)
         scale = math.sqrt(float(variance.mean() + (mean**2).mean()))
         self.sigma_data_ = scale if math.isfinite(scale) and scale > 0 else 1.0
+        self.init_prior_ = self.gaussian_prior_
+        if int(self.init_components) > 1:
+            self.init_prior_ = fit_gaussian_mixture(
+                Y,
+                op,
+                int(self.init_components),
+                n_iter=4 * int(self.gaussian_iter),
+                random_state=_sub_seed(base_seed, 0, 4),
+                device=device,
+            ).to("cpu")
 
-        denoiser = MLPDenoiser() if self.denoiser is None else clone(self.denoiser)
-        sampler = default_sampler() if self.sampler is None else clone(self.sampler)
+    def _configured_denoiser(self, device: torch.device, base_seed: int) -> Any:
+        """A clone of ``denoiser`` on the data scale, the device, a seed, and refining the
+        analytic initialisation (``refine_init``)."""
+        denoiser = recipe_denoiser() if self.denoiser is None else clone(self.denoiser)
         params = denoiser.get_params(deep=False)
         new: dict[str, Any] = {}
         if "sigma_data" in params:
@@ -466,75 +588,94 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             new["device"] = str(device)
         if params.get("random_state", 0) is None:
             new["random_state"] = _sub_seed(base_seed, 0, 1)
+        if self.refine_init and "base" in params and params["base"] is None:
+            new["base"] = self.init_prior_
         if self.verbose >= 2 and "callbacks" in params:
             callbacks = list(params["callbacks"] or [])
-            new["callbacks"] = [*callbacks, ("em_progress", _EpochProgress())]
+            new["callbacks"] = [*callbacks, ("em_progress", EpochProgress())]
         denoiser.set_params(**new)
-        sigma_min = float(getattr(denoiser, "sigma_min", getattr(sampler, "sigma_min", 1e-3)))
-        sigma_max = float(getattr(denoiser, "sigma_max", getattr(sampler, "sigma_max", 1e2)))
+        sigma_max = float(getattr(denoiser, "sigma_max", 1e2))
         if int(self.n_iter) > 0 and sigma_max < 10 * self.sigma_data_:
             warnings.warn(
                 f"the data scale ({self.sigma_data_:.3g}) is not small compared to the "
                 f"denoiser's sigma_max ({sigma_max:.3g}); standardise the data or raise "
                 "denoiser__sigma_max.",
-                stacklevel=3,
+                stacklevel=4,
             )
-        sampler_params = sampler.get_params(deep=False)
-        new = {"sigma_min": sigma_min, "sigma_max": sigma_max}
-        if "sigma_data" in sampler_params:
-            new["sigma_data"] = self.sigma_data_
-        if "verbose" in sampler_params:
-            new["verbose"] = int(self.verbose >= 2)
-        sampler.set_params(**{k: v for k, v in new.items() if k in sampler_params})
-        self.sampler_ = sampler
-        self._network = denoiser  # the network being trained (unfitted until the first M-step)
-        self.denoiser_ = self.gaussian_prior_
-        self.history_ = []
-        self.n_iter_ = 0
-        self.device_ = device
+        return denoiser
 
-    @staticmethod
-    def _prior_variances(prior: GaussianPrior) -> Tensor:
-        if prior.factor is None:
-            return prior.covariance.double().diagonal()
-        return (prior.factor.double() ** 2).sum(-1) + prior.diag.double()
+    def _configured(self, sampler: Any, denoiser: Any) -> Any:
+        """A clone of ``sampler`` on the denoiser's schedule and the data scale."""
+        sampler = clone(sampler)
+        sampler_params = sampler.get_params(deep=False)
+        new = {
+            "sigma_min": float(getattr(denoiser, "sigma_min", sampler_params.get("sigma_min"))),
+            "sigma_max": float(getattr(denoiser, "sigma_max", sampler_params.get("sigma_max"))),
+            "sigma_data": self.sigma_data_,
+            "verbose": int(self.verbose >= 2),
+        }
+        sampler.set_params(**{k: v for k, v in new.items() if k in sampler_params})
+        return sampler
+
+    def _initial_record(self) -> dict[str, Any]:
+        """What the callback receives for the analytic initialisation (iteration 0)."""
+        record: dict[str, Any] = {
+            "iteration": 0,
+            "log_evidence": self.initial_log_evidence_,
+            "log_evidence_exact": self.initial_exact_log_evidence_,
+        }
+        last = getattr(self, "_last_evidence", None)
+        if last is not None and len(last) > 1:
+            record["log_evidence_std"] = float(last.std() / math.sqrt(len(last)))
+        return {**record, **self._initial_stats}
 
     def _em_iteration(
-        self, k: int, Y: Tensor, op: Operator, base_seed: int, flag: _InterruptFlag
+        self, k: int, Y: Tensor, op: Operator, base_seed: int, flag: InterruptFlag
     ) -> bool:
-        """Runs EM iteration ``k`` (0-based); returns ``False`` if it was interrupted."""
+        """Runs EM iteration ``k`` (1-based): M-step on the current E-step samples, then the
+        E-step of the new prior with its evidence. Returns ``False`` if it was interrupted."""
         network = self._network
         backup = copy.deepcopy(network) if self.n_iter_ > 0 else None
-        record: dict[str, Any] = {"iteration": k + 1}
+        record: dict[str, Any] = {"iteration": k}
         try:
-            # E-step: x_i ~ q_k(x | y_i), one sample per observation; exact (Matheron's rule)
-            # while the prior is the Gaussian initialisation.
-            tic = time.perf_counter()
-            generator = _generator(_sub_seed(base_seed, k + 1, 0), self.device_)
-            X = self._sharded_e_step(Y, op, generator)
-            record["e_step_seconds"] = time.perf_counter() - tic
-            record["e_step_exact"] = self.n_iter_ == 0 and op.is_linear  # else linearised
-            if not bool(torch.isfinite(X).all()):
-                raise DivergenceError(
-                    f"the E-step of EM iteration {k + 1} produced non-finite samples."
-                )
-            if self.n_iter_ > 0:
-                diagnostics = self._diagnostics()
-                record.update({f"sampler_{key}": value for key, value in diagnostics.items()})
-            record["sample_mean"] = float(X.mean())
-            record["sample_std"] = float(X.std(dim=0).mean()) if len(X) > 1 else 0.0
-            # M-step: denoising score matching on the samples, warm-started.
+            # M-step: denoising score matching on the E-step samples, warm-started.
             tic = time.perf_counter()
             epochs_before = len(network.history) if _initialized(network) else 0
-            self._partial_fit(network, X, _sub_seed(base_seed, k + 1, 2))
+            if self.reset_optimizer and _initialized(network):
+                network.initialize_optimizer()
+            if "lr" in network.get_params(deep=False):
+                network.set_params(lr=self._initial_lr * float(self.lr_decay) ** (k - 1))
+            X = self._e_samples.reshape(-1, self.n_features_in_)
+            self._partial_fit(network, X, _sub_seed(base_seed, k, 2))
+            # score hook: the moment-matched Gaussian of the samples the new prior was
+            # trained on; its posteriors are the importance proposals of score_samples
+            proposal = moment_matched_gaussian(X)
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
                 raise KeyboardInterrupt
+            history = network.history
+            record["n_epochs"] = len(history) - epochs_before
+            record["n_steps"] = sum(len(epoch["batches"]) for epoch in history[epochs_before:])
+            record["train_loss"] = float(history[-1]["train_loss"]) if len(history) else math.nan
+            # E-step: posterior samples of the new prior, and its evidence.
+            tic = time.perf_counter()
+            generator = _generator(_sub_seed(base_seed, k, 0), self.device_)
+            samples = self._e_step(Y, op, generator)
+            record["e_step_seconds"] = time.perf_counter() - tic
+            if not bool(torch.isfinite(samples).all()):
+                raise DivergenceError(
+                    f"the E-step of EM iteration {k} produced non-finite samples."
+                )
+            sampler = self._e_step_sampler(k)
+            record.update({f"sampler_{key}": v for key, v in _diagnostics(sampler).items()})
+            tic = time.perf_counter()
+            evidence = self._evidence(network, Y, op, _sub_seed(base_seed, 0, 5))
+            record["evidence_seconds"] = time.perf_counter() - tic
         except KeyboardInterrupt:
             self._rollback(backup)
             self.interrupted_ = True
             warnings.warn(
-                f"DiffusionPriorEM.fit was interrupted during EM iteration {k + 1}; the "
+                f"DiffusionPriorEM.fit was interrupted during EM iteration {k}; the "
                 f"estimator holds the prior of iteration {self.n_iter_} "
                 f"({'Gaussian' if self.n_iter_ == 0 else 'diffusion'}).",
                 UserWarning,
@@ -544,94 +685,42 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         except DivergenceError as error:
             self._rollback(backup)
             raise DivergenceError(
-                f"DiffusionPriorEM diverged at EM iteration {k + 1}: {error} The estimator was "
+                f"DiffusionPriorEM diverged at EM iteration {k}: {error} The estimator was "
                 f"restored to iteration {self.n_iter_} and is usable; refit with a smaller "
                 "denoiser__lr or more sampler steps."
             ) from error
-        history = network.history
-        record["n_epochs"] = len(history) - epochs_before
-        record["train_loss"] = float(history[-1]["train_loss"]) if len(history) else math.nan
-        record["gaussian_log_evidence"] = self._evidence_proxy(X, Y, op)
+        record.update(_sample_stats(samples))
+        record.update(self._evidence_summary(evidence))
+        self._e_samples = samples
+        self._last_evidence = evidence
         self.denoiser_ = network
-        # score hook: the new prior was trained on X; its moment-matched Gaussian's posteriors
-        # are the importance proposals of score_samples
-        self.proposal_ = moment_matched_gaussian(X)
-        self.n_iter_ = k + 1
+        self.proposal_ = proposal
+        self.n_iter_ = k
         self.history_.append(record)
+        self._track_convergence(record["log_evidence"], k, network)
         return True
 
-    def _rollback(self, backup: Any) -> None:
-        """Restores the network of the last completed iteration."""
-        if backup is not None:
-            self._network = backup
-            self.denoiser_ = backup
-        elif self.n_iter_ == 0:
-            # nothing trained yet: a fresh, unfitted clone for a later fit
-            self._network = clone(self._network)
-            self.denoiser_ = self.gaussian_prior_
-
-    def _diagnostics(self) -> dict[str, float]:
-        diagnostics = getattr(self.sampler_, "diagnostics_", None) or {}
-        return {
-            key: float(value)
-            for key, value in diagnostics.items()
-            if isinstance(value, (int, float, np.floating, np.integer))
-        }
-
-    def _evidence_proxy(self, X: Tensor, Y: Tensor, op: Operator) -> float:
-        """Mean log-evidence of ``Y`` under the Gaussian moment-matched to the samples ``X``."""
-        n, d = X.shape
-        if d > _PROXY_MAX_DIM or n < 2:
-            return math.nan
-        X64 = X.double()
-        mean = X64.mean(0)
-        cov = torch.cov(X64.T).reshape(d, d)
-        cov = cov + 1e-6 * float(cov.diagonal().mean().clamp_min(1e-12)) * torch.eye(
-            d, dtype=torch.float64
-        )
-        rows = min(n, _PROXY_MAX_ROWS)
-        try:
-            prior = GaussianPrior(mean, cov)
-            return float(prior._log_evidence_torch(Y[:rows], op[:rows]).mean())
-        except (ValueError, RuntimeError):
-            return math.nan
-
-    def _posterior_samples(
-        self, denoiser: Any, Y: Tensor, op: Operator, generator: torch.Generator
-    ) -> Tensor:
-        """One sample per row of ``Y`` with ``sampler_``, in chunks of ``batch_size`` on the
-        device; returns a float32 CPU tensor ``(n, D)``."""
-        n = len(Y)
-        step = int(self.batch_size)
-        out = []
-        for start in range(0, n, step):
-            rows = slice(start, min(n, start + step))
-            y = Y[rows].to(device=self.device_, dtype=torch.float32)
-            sub = op[rows].to(device=self.device_, dtype=torch.float32)
-            x = self.sampler_.sample(denoiser, y, sub, generator=generator)
-            out.append(x.detach().to("cpu", torch.float32))
-        return torch.cat(out)
+    def _e_step_sampler(self, k: int) -> Any:
+        """The E-step sampler of EM iteration ``k``: cheaper during the warm-up."""
+        return self._warmup_sampler if k <= int(self.warmup_iter) else self.sampler_
 
     def _e_step(self, Y: Tensor, op: Operator, generator: torch.Generator) -> Tensor:
-        """One sample of the current prior's posterior per row of ``Y``: exact for the Gaussian
-        initialisation, with ``sampler_`` for a diffusion prior; float32 CPU ``(n, D)``."""
-        if self.n_iter_ == 0:
-            return self._exact_posterior_samples(Y, op, generator)
-        return self._posterior_samples(self._network, Y, op, generator)
-
-    def _sharded_e_step(self, Y: Tensor, op: Operator, generator: torch.Generator) -> Tensor:
-        """Distributed hook: :meth:`_e_step` on this rank's shard of the rows, all-gathered,
-        so that every rank holds all samples ``(n, D)``; :meth:`_e_step` in one process."""
+        """``e_step_samples`` posterior samples per observation of the prior being trained,
+        float32 CPU ``(n, e_step_samples, D)``; distributed hook: each rank samples its shard
+        of the rows, and the shards are all-gathered so that every rank holds all samples."""
+        sampler = self._e_step_sampler(self.n_iter_ + 1)
+        prior = self._diffusion_prior(self._network, sampler)
+        S, D = int(self.e_step_samples), self.n_features_in_
         group: DataParallel | None = getattr(self, "_data_parallel", None)
         if group is None:
-            return self._e_step(Y, op, generator)
+            return torch.from_numpy(prior.sample_posterior(Y, op, S, generator))
         rows = group.shard(len(Y))
         generator = group.rank_generator(generator)
         if rows.stop > rows.start:
-            X = self._e_step(Y[rows], op[rows], generator)
+            part = torch.from_numpy(prior.sample_posterior(Y[rows], op[rows], S, generator))
         else:  # more ranks than observations
-            X = torch.zeros(0, op.n_features)
-        return group.all_gather_rows(X, len(Y))
+            part = torch.zeros(0, S, D)
+        return group.all_gather_rows(part.reshape(len(part), S * D), len(Y)).reshape(-1, S, D)
 
     def _partial_fit(self, network: Any, X: Tensor, seed: int) -> None:
         """``network.partial_fit(X)``; distributed hook: data-parallel on this rank's part of
@@ -643,74 +732,146 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         with data_parallel_training(network, group):
             network.partial_fit(X[group.m_step_rows(len(X), seed)])
 
-    def _exact_posterior_samples(
-        self, Y: Tensor, op: Operator, generator: torch.Generator
-    ) -> Tensor:
-        """One exact sample of the Gaussian initialisation's posterior per row of ``Y``, in
-        chunks of ``batch_size`` on the device; a float32 CPU tensor ``(n, D)``."""
-        prior = self.gaussian_prior_.to(self.device_)
-        step, out = int(self.batch_size), []
-        for start in range(0, len(Y), step):
-            rows = slice(start, min(len(Y), start + step))
-            y, sub = Y[rows].to(self.device_), op[rows].to(self.device_)
-            x = prior._sample_posterior_torch(y, sub, 1, generator)[:, 0]
-            out.append(x.detach().to("cpu", torch.float32))
-        return torch.cat(out)
+    def _diffusion_prior(self, denoiser: Any, sampler: Any) -> DiffusionPrior:
+        return DiffusionPrior(
+            denoiser,
+            sampler,
+            getattr(self, "proposal_", self.gaussian_prior_),
+            n_mean_samples=int(self.n_transform_samples),
+            n_score_samples=int(self.n_score_samples),
+            score_steps=int(self.score_steps),
+            min_noise_std=1e-3 * float(self.sigma_data_),
+            batch_size=int(self.batch_size),
+            device=self.device_,
+            verbose=int(self.verbose >= 2),
+        )
 
+    def _evidence(self, denoiser: Any, Y: Tensor, op: Operator, seed: int) -> Tensor:
+        """Log-evidence estimates of the prior of ``denoiser`` on the evidence rows, float64
+        ``(rows,)``: the normalising constants of ``evidence_sampler_`` (twisted SMC), with the
+        same random numbers at every iteration (common random numbers make the changes between
+        iterations more precise than the values)."""
+        rows = self._evidence_rows
+        prior = self._diffusion_prior(denoiser, self.evidence_sampler_)
+        generator = _generator(seed, self.device_)
+        prior.sample_posterior(Y[rows], op if len(op) == 1 else op[rows], 1, generator)
+        return torch.as_tensor(prior.sampler_log_evidence_, dtype=torch.float64)
+
+    def _evidence_summary(self, evidence: Tensor) -> dict[str, float]:
+        """The ``log_evidence*`` entries of a record from the per-observation estimates
+        (NaN where not estimated), paired with the previous iteration's on the same rows."""
+        known = torch.isfinite(evidence)
+        values = evidence[known]
+        n = max(int(known.sum()), 1)
+        both = known & torch.isfinite(self._last_evidence)
+        change = (evidence - self._last_evidence)[both]
+        m = max(int(both.sum()), 1)
+        return {
+            "log_evidence": float(values.mean()),
+            "log_evidence_std": float(values.std() / math.sqrt(n)) if n > 1 else math.nan,
+            "log_evidence_change": float(change.mean()),
+            "log_evidence_change_std": float(change.std() / math.sqrt(m)) if m > 1 else math.nan,
+            "log_evidence_rows": n,
+        }
+
+    def _track_convergence(self, evidence: float, k: int, network: Any) -> None:
+        """scikit-learn's rule: an improvement is a rise of more than ``tol`` over the best
+        evidence; ``n_iter_no_change`` iterations without one mean convergence."""
+        best = self._best["evidence"]
+        tol = 0.0 if self.tol is None else float(self.tol)
+        if math.isfinite(evidence) and (evidence > best or not math.isfinite(best)):
+            keep = copy.deepcopy(network) if self.keep_best else None
+            self._best = {
+                "evidence": evidence,
+                "iteration": k,
+                "network": keep,
+                "proposal": getattr(self, "proposal_", None),
+            }
+        if math.isfinite(evidence) and evidence > best + tol:
+            self._no_change = 0
+        else:
+            self._no_change += 1
+        if self.tol is not None and self.n_iter_no_change is not None:
+            self.converged_ = self._no_change >= int(self.n_iter_no_change)
+
+    def _finish(self) -> None:
+        """After the loop: the kept prior (``keep_best``), the convergence warning, and the
+        E-step samples dropped (they only serve the next M-step of a running fit)."""
+        best = getattr(self, "_best", None)
+        if self.keep_best and best is not None and best["iteration"] != self.n_iter_:
+            self.best_iteration_ = int(best["iteration"])
+            if best["network"] is None:  # no EM iteration has a finite evidence
+                self.denoiser_ = self.init_prior_
+                if hasattr(self, "proposal_"):
+                    del self.proposal_
+            else:
+                self.denoiser_ = best["network"]
+                self.proposal_ = best["proposal"]
+        else:
+            self.best_iteration_ = self.n_iter_
+        if (
+            not self.converged_
+            and not self.interrupted_
+            and self.tol is not None
+            and self.n_iter_no_change is not None
+            and int(self.n_iter) > 0
+        ):
+            warnings.warn(
+                f"DiffusionPriorEM reached n_iter = {self.n_iter} EM iterations before the "
+                f"evidence stopped rising (by more than tol = {self.tol} over its best, within "
+                f"{self.n_iter_no_change} iterations); EM has not converged: increase n_iter.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        for name in _PRIVATE_STATE:
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def _rollback(self, backup: Any) -> None:
+        """Restores the network of the last completed iteration."""
+        if backup is not None:
+            self._network = backup
+            self.denoiser_ = backup
+        elif self.n_iter_ == 0:
+            # nothing trained yet: a fresh, unfitted clone for a later fit
+            self._network = clone(self._network)
+            self.denoiser_ = self.init_prior_
+
+    # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, key: str, base_seed: int) -> None:
-        state = {name: getattr(self, name) for name in self._state_names()}
+        state = {name: getattr(self, name) for name in _STATE if hasattr(self, name)}
         save_checkpoint(
             self.checkpoint_dir,
             self.n_iter_,
-            {"fingerprint": key, "seed": base_seed, "state": _dumps(state)},
+            {"fingerprint": key, "seed": base_seed, "state": dumps(state)},
         )
 
     def _restore_payload(self, payload: dict[str, Any], device: torch.device) -> None:
-        state = _loads(payload["state"])
-        for name, value in state.items():
+        for name, value in loads(payload["state"]).items():
             setattr(self, name, value)
         self._move_to(device)
-
-    @staticmethod
-    def _state_names() -> tuple[str, ...]:
-        return (
-            "gaussian_prior_",
-            "proposal_",
-            "sigma_data_",
-            "sampler_",
-            "_network",
-            "denoiser_",
-            "history_",
-            "n_iter_",
-            "device_",
-        )
 
     def _move_to(self, device: torch.device) -> None:
         """Puts the fitted state on ``device`` (the network's weights and ``device`` param)."""
         self.device_ = device
-        network = getattr(self, "_network", None)
-        if network is not None and hasattr(network, "to"):
-            network.to(device)
+        for name in ("_network", "denoiser_"):
+            network = getattr(self, name, None)
+            if (
+                network is not None
+                and hasattr(network, "to")
+                and not isinstance(network, GaussianPrior)
+            ):
+                network.to(device)
 
-    def _em_progress(self, start: int) -> Any:
-        if not self.verbose or int(self.n_iter) <= start:
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=int(self.n_iter), initial=start, desc="DiffusionPriorEM", unit="iter")
-
-    @staticmethod
-    def _postfix(record: dict[str, Any]) -> dict[str, str]:
-        return {
-            "loss": f"{record.get('train_loss', math.nan):.4g}",
-            "E": f"{record.get('e_step_seconds', 0.0):.1f}s",
-            "M": f"{record.get('m_step_seconds', 0.0):.1f}s",
-        }
-
-    # ------------------------------------------------------------------ prediction helpers
+    # ------------------------------------------------------------------ prediction
     @property
-    def _is_diffusion(self) -> bool:
-        return self.n_iter_ > 0
+    def prior_(self) -> AnalyticPrior | DiffusionPrior:
+        """The learned prior (the analytic initialisation when no diffusion iteration is
+        kept); see :mod:`diffem.em.prior`."""
+        check_is_fitted(self, ("denoiser_", "gaussian_prior_"))
+        if isinstance(self.denoiser_, AnalyticPrior):
+            return self.denoiser_.to(self.device_)
+        return self._diffusion_prior(self.denoiser_, self.sampler_)
 
     def _check_predict(self, Y: Any, operator: Any) -> tuple[Tensor, Operator]:
         check_is_fitted(self, ("denoiser_", "gaussian_prior_", "n_features_in_"))
@@ -725,7 +886,6 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         state = self.random_state if random_state is None else random_state
         return _generator(_seed(state), self.device_)
 
-    # ------------------------------------------------------------------ public methods
     def sample(self, n_samples: int = 1, random_state: Any = None) -> np.ndarray:
         """Samples of the learned prior, NumPy float32 ``(n_samples, D)``.
 
@@ -733,35 +893,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         E-step sampler's ``steps``, ``eta``, ``solver`` and schedule. ``random_state`` defaults
         to the estimator's.
         """
-        check_is_fitted(self, ("denoiser_", "gaussian_prior_"))
+        prior = self.prior_
         n_samples = check_int(n_samples, "n_samples", 1)
-        generator = self._predict_generator(random_state)
-        if not self._is_diffusion:
-            prior = self.gaussian_prior_.to(self.device_)
-            return _numpy(prior._sample_torch(n_samples, generator))
-        params = self.sampler_.get_params(deep=False)
-        sampler = Unconditional(
-            steps=int(params.get("steps", 64)),
-            eta=float(params.get("eta", 1.0)),
-            solver=str(params.get("solver", "ancestral")),
-            sigma_min=float(params["sigma_min"]),
-            sigma_max=float(params["sigma_max"]),
-            batch_size=int(params.get("batch_size", self.batch_size)),
-            verbose=int(self.verbose >= 2),
-        )
-        out = []
-        for start in range(0, n_samples, int(self.batch_size)):
-            size = min(int(self.batch_size), n_samples - start)
-            x = sampler.sample(
-                self.denoiser_,
-                size,
-                self.n_features_in_,
-                generator,
-                dtype=torch.float32,
-                device=self.device_,
-            )
-            out.append(x.to("cpu"))
-        return _numpy(torch.cat(out))
+        return _float32(prior.sample(n_samples, generator=self._predict_generator(random_state)))
 
     def sample_posterior(
         self,
@@ -772,26 +906,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     ) -> np.ndarray:
         r"""Samples of :math:`q(x \mid y_i)`, NumPy float32 ``(n, n_samples, D)``.
 
-        Exact for the Gaussian prior (``n_iter_ == 0``); with ``sampler_`` for a diffusion
-        prior. ``random_state`` defaults to the estimator's.
+        Exact for the Gaussian prior; with ``sampler_`` for a diffusion prior (with SMC, the
+        ``n_samples`` of an observation come from its particle system). ``random_state``
+        defaults to the estimator's.
         """
         Y_t, op = self._check_predict(Y, operator)
         n_samples = check_int(n_samples, "n_samples", 1)
         generator = self._predict_generator(random_state)
-        return _numpy(self._sample_posterior_torch(Y_t, op, n_samples, generator))
-
-    def _sample_posterior_torch(
-        self, Y: Tensor, op: Operator, n_samples: int, generator: torch.Generator
-    ) -> Tensor:
-        n, d = len(Y), self.n_features_in_
-        if not self._is_diffusion:
-            prior = self.gaussian_prior_.to(self.device_)
-            return prior._sample_posterior_torch(
-                Y.to(self.device_), op.to(self.device_), n_samples, generator
-            ).to("cpu", torch.float32)
-        rows = torch.arange(n).repeat_interleave(n_samples)
-        x = self._posterior_samples(self.denoiser_, Y[rows], op[rows], generator)
-        return x.reshape(n, n_samples, d)
+        return _float32(self.prior_.sample_posterior(Y_t, op, n_samples, generator))
 
     def transform(self, Y: Any, operator: Operator | None = None) -> np.ndarray:
         r"""Posterior means :math:`E[x \mid y_i]`, NumPy float32 ``(n, D)``.
@@ -803,12 +925,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         entries.
         """
         Y_t, op = self._check_predict(Y, operator)
-        if not self._is_diffusion:
-            prior = self.gaussian_prior_.to(self.device_)
-            return _numpy(prior._posterior_mean_torch(Y_t.to(self.device_), op.to(self.device_)))
-        generator = self._predict_generator(None)
-        samples = self._sample_posterior_torch(Y_t, op, int(self.n_transform_samples), generator)
-        return _numpy(samples.mean(1))
+        prior = self.prior_
+        if isinstance(prior, AnalyticPrior):
+            return _float32(prior.posterior_mean(Y_t, op))
+        return _float32(prior.posterior_mean(Y_t, op, self._predict_generator(None)))
 
     def score_samples(
         self, Y: Any, operator: Operator | None = None, return_std: bool = False
@@ -823,41 +943,26 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             + \log p(y \mid x_k) - \log r(x_k \mid y)\big] - \log K,
 
         with ``K = n_score_samples`` proposals from the exact posterior of ``proposal_``
-        (linearised for a nonlinear operator; covariance slightly inflated) and :math:`\log
-        q(x)` from the probability-flow ODE solved relative to that Gaussian (``score_steps``
-        Heun steps; Hutchinson's trace estimator with two Rademacher probes and the Gaussian as
-        control variate, exact for ``D <= 2``), plus the first-order bias correction
-        :math:`\mathrm{se}^2/2`. It is consistent as ``K`` and ``score_steps`` grow; noiseless
-        measurements are given a noise std of ``1e-3 * sigma_data_``. The standard error is the
-        delta-method estimate from the importance weights: the spread of repeated estimates, not
-        the ODE's discretisation error. Cost per observation: ``2 * score_steps * K`` denoiser
-        evaluations with two vector-Jacobian products each (at the defaults, 256 evaluations: a
-        small fraction of ``fit``'s E-steps and M-steps; see
-        ``benchmarks/results/score_speed.md``).
+        (linearised for a nonlinear operator; covariance slightly inflated) and
+        :math:`\log q(x)` from the probability-flow ODE solved relative to that Gaussian
+        (``score_steps`` Heun steps; Hutchinson's trace estimator with two Rademacher probes
+        and the Gaussian as control variate, exact for ``D <= 2``), plus the first-order bias
+        correction :math:`\mathrm{se}^2/2`. It is consistent as ``K`` and ``score_steps``
+        grow; noiseless measurements are given a noise std of ``1e-3 * sigma_data_``. The
+        standard error is the delta-method estimate from the importance weights: the spread
+        of repeated estimates, not the ODE's discretisation error. Cost per observation:
+        ``2 * score_steps * K`` denoiser evaluations with two vector-Jacobian products each.
         """
         Y_t, op = self._check_predict(Y, operator)
-        if not self._is_diffusion:
-            prior = self.gaussian_prior_.to(self.device_)
-            values = _numpy(prior._log_evidence_torch(Y_t.to(self.device_), op.to(self.device_)))
+        prior = self.prior_
+        if isinstance(prior, AnalyticPrior):
+            values = _float32(prior.log_evidence(Y_t, op))
             return (values, np.zeros_like(values)) if return_std else values
         generator = self._predict_generator(None)
-        params = self.sampler_.get_params(deep=False)
-        evidence = importance_log_evidence(
-            self.denoiser_,
-            Y_t,
-            op,
-            getattr(self, "proposal_", self.gaussian_prior_),
-            sigma_min=float(getattr(self.denoiser_, "sigma_min", params["sigma_min"])),
-            sigma_max=float(getattr(self.denoiser_, "sigma_max", params["sigma_max"])),
-            n_samples=int(self.n_score_samples),
-            steps=int(self.score_steps),
-            min_noise_std=1e-3 * float(self.sigma_data_),
-            batch_size=int(self.batch_size),
-            device=self.device_,
-            generator=generator,
-        )
-        values = _numpy(evidence.log_evidence)
-        return (values, _numpy(evidence.std)) if return_std else values
+        if not return_std:
+            return _float32(prior.log_evidence(Y_t, op, generator))
+        values, std = prior.log_evidence(Y_t, op, generator, return_std=True)
+        return _float32(values), _float32(std)
 
     def score(self, Y: Any, operator: Operator | None = None, *, y: Any = None) -> float:
         """Mean log-evidence of the observations, ``mean(score_samples(Y, operator))``;
@@ -870,11 +975,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     # ------------------------------------------------------------------ persistence
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())  # a copy: never alter the live estimator
-        tensors = {
-            name: state.pop(name) for name in (*_TORCH_ATTRIBUTES, "_network") if name in state
-        }
+        tensors = {name: state.pop(name) for name in _TORCH_ATTRIBUTES if name in state}
         if tensors:
-            state["_torch_state"] = _dumps(tensors)
+            state["_torch_state"] = dumps(tensors)
             state["_saved_device"] = str(state.get("device_", "cpu"))
         return state
 
@@ -882,7 +985,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         blob = state.pop("_torch_state", None)
         saved = state.pop("_saved_device", "cpu")
         if blob is not None:
-            state.update(_loads(blob))
+            state.update(loads(blob))
             device = loadable_device(saved)
             if device != torch.device(saved):
                 warnings.warn(
@@ -895,6 +998,71 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         super().__setstate__(state)
         if blob is not None and hasattr(self, "device_"):
             self._move_to(torch.device(self.device_))
+
+
+# The fit's private state (dropped after fit): the network being trained, the warm-up sampler,
+# the E-step samples for the next M-step, the evidence and convergence bookkeeping.
+_PRIVATE_STATE = (
+    "_network",
+    "_warmup_sampler",
+    "_e_samples",
+    "_last_evidence",
+    "_evidence_rows",
+    "_best",
+    "_no_change",
+    "_initial_stats",
+    "_initial_lr",
+)
+# What a checkpoint holds.
+_STATE = (
+    "gaussian_prior_",
+    "init_prior_",
+    "proposal_",
+    "sigma_data_",
+    "sampler_",
+    "evidence_sampler_",
+    "denoiser_",
+    "history_",
+    "n_iter_",
+    "device_",
+    "n_features_in_",
+    "initial_log_evidence_",
+    "initial_exact_log_evidence_",
+    "best_iteration_",
+    "converged_",
+    *_PRIVATE_STATE,
+)
+
+
+def _prior_variances(prior: GaussianPrior) -> Tensor:
+    if prior.factor is None:
+        return prior.covariance.double().diagonal()
+    return (prior.factor.double() ** 2).sum(-1) + prior.diag.double()
+
+
+def _evidence_rows(n: int, rows: int | None, seed: int) -> Tensor:
+    """The fixed observations of the evidence estimates: ``rows`` of the ``n`` at random (all
+    of them when ``rows`` is ``None`` or at least ``n``)."""
+    if rows is None or n <= rows:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(_sub_seed(seed, 0, 3))
+    return torch.randperm(n, generator=generator)[:rows].sort().values
+
+
+def _sample_stats(samples: Tensor) -> dict[str, float]:
+    """Mean and per-feature standard deviation (averaged) of E-step samples ``(n, S, D)``."""
+    flat = samples.reshape(-1, samples.shape[-1])
+    std = float(flat.std(dim=0).mean()) if len(flat) > 1 else 0.0
+    return {"sample_mean": float(flat.mean()), "sample_std": std}
+
+
+def _diagnostics(sampler: Any) -> dict[str, float]:
+    diagnostics = getattr(sampler, "diagnostics_", None) or {}
+    return {
+        key: float(value)
+        for key, value in diagnostics.items()
+        if isinstance(value, (int, float, np.floating, np.integer))
+    }
 
 
 def _operator_alias(operator: Any, y: Any) -> Any:
@@ -910,24 +1078,5 @@ def _initialized(net: Any) -> bool:
     return bool(getattr(net, "initialized_", False))
 
 
-def _map_location() -> str | None:
-    """``"cpu"`` when CUDA is unavailable (so CUDA tensors load on the CPU), else ``None``."""
-    return None if torch.cuda.is_available() else "cpu"
-
-
-def _dumps(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
-
-
-def _loads(blob: bytes) -> Any:
-    from skorch.exceptions import DeviceWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeviceWarning)
-        return torch.load(io.BytesIO(blob), map_location=_map_location(), weights_only=False)
-
-
-def _numpy(tensor: Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy()
+def _float32(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)

@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_array
 
 from diffem._device import resolve_device
 from diffem._validation import check_int as _check_int
+from diffem._validation import check_number
 from diffem.operators import Identity, Mask, Operator
 
 __all__ = [
@@ -195,6 +196,17 @@ def check_params(estimator: Any) -> None:
     _check_int(estimator.score_steps, "score_steps", 1)
     _check_int(estimator.batch_size, "batch_size", 1)
     _check_int(estimator.verbose, "verbose", 0)
+    _check_int(estimator.warmup_iter, "warmup_iter", 0)
+    _check_int(estimator.e_step_samples, "e_step_samples", 1)
+    _check_int(estimator.n_iter_no_change, "n_iter_no_change", 1, allow_none=True)
+    _check_int(estimator.init_components, "init_components", 1)
+    for name in ("reset_optimizer", "keep_best", "refine_init"):
+        if not isinstance(getattr(estimator, name), (bool, np.bool_)):
+            raise ValueError(f"{name} must be a bool, got {getattr(estimator, name)!r}.")
+    _check_int(estimator.evidence_rows, "evidence_rows", 2, allow_none=True)
+    check_number(estimator.lr_decay, "lr_decay", 0.0, 1.0, low_open=True)
+    if estimator.tol is not None:
+        check_number(estimator.tol, "tol", 0.0)
     noise_std = estimator.noise_std
     if isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real):
         raise ValueError(

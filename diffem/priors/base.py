@@ -1,8 +1,9 @@
-"""What the analytic priors share: parameter tensors, device moves and pickling."""
+"""The prior protocol, and what the analytic priors share: parameter tensors, device moves and
+pickling."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -13,7 +14,29 @@ from diffem._validation import check_int
 from diffem.operators.base import Operator
 from diffem.priors._common import ObservationSet, to_numpy
 
-__all__ = ["AnalyticPrior"]
+__all__ = ["AnalyticPrior", "Prior"]
+
+
+@runtime_checkable
+class Prior(Protocol):
+    r"""What every prior answers about observations :math:`y_i = A_i x_i + e_i`: the analytic
+    priors exactly, :class:`diffem.em.DiffusionPrior` by Monte Carlo. Arrays are NumPy float32;
+    ``generator`` is a ``torch.Generator``, an int seed, a NumPy ``RandomState`` or ``None``.
+    """
+
+    def sample(self, n_samples: int = 1, generator: Any = None) -> Any:
+        r""":math:`x \sim q(x)`, ``(n_samples, D)``."""
+
+    def sample_posterior(
+        self, Y: Any, operator: Operator, n_samples: int = 1, generator: Any = None
+    ) -> Any:
+        r""":math:`x \sim q(x \mid y_i)`, ``(n, n_samples, D)``."""
+
+    def posterior_mean(self, Y: Any, operator: Operator) -> Any:
+        r""":math:`E_q[x \mid y_i]`, ``(n, D)``."""
+
+    def log_evidence(self, Y: Any, operator: Operator) -> Any:
+        r""":math:`\log q(y_i)`, ``(n,)``."""
 
 
 class AnalyticPrior:

@@ -24,6 +24,7 @@ from diffem.samplers.solvers import ancestral_coefficients, dpmpp_2m_estimate
 __all__ = ["SMC", "systematic_resample"]
 
 _RESAMPLING = ("systematic", "multinomial")
+_LOG_2PI = math.log(2 * math.pi)
 
 
 def systematic_resample(
@@ -39,6 +40,13 @@ def systematic_resample(
     )
     grid = (torch.arange(n_draws, dtype=weights.dtype, device=weights.device) + offset) / n_draws
     return torch.searchsorted(cdf, grid).clamp_max(weights.shape[-1] - 1)
+
+
+def _log_mean_exp(log_weights: Tensor) -> Tensor:
+    """``log mean_k exp(log_weights)`` over the particles ``(B, K) -> (B,)``; ``-inf`` for a
+    row without a finite weight."""
+    finite = torch.where(torch.isfinite(log_weights), log_weights, -torch.inf)
+    return torch.logsumexp(finite, dim=-1) - math.log(log_weights.shape[-1])
 
 
 def _normalise(log_weights: Tensor) -> Tensor:
@@ -124,10 +132,19 @@ class SMC(MMPS):
         Smallest ESS along the chain, before resampling.
     resamples_ : ndarray of shape (n,)
         Number of resampling events per observation.
+    log_evidence_ : ndarray of shape (n,)
+        Each observation's log normalising constant, an estimate of the log-evidence
+        :math:`\log p_\theta(y)` of the chain's prior: with the particles drawn from
+        :math:`\mathcal{N}(0, \sigma_{\max}^2 I)` and weighted by the twisting function there,
+        :math:`\log \hat{Z} = \sum_{r} \log \frac1K \sum_k w^{(r)}_k` over the stretches
+        between resampling events and the last one (:math:`w^{(r)}_k` the weights accumulated
+        since the previous event). :math:`\hat{Z}` is unbiased, so :math:`\log \hat{Z}` is
+        consistent as ``particles`` grows and biased low by :math:`O(1/K)` (Del Moral, 2004;
+        Naesseth, Lindsten & Schön, 2019, "Elements of Sequential Monte Carlo").
     diagnostics_ : dict of float
         MMPS's (``cg_residual``, ``cg_iterations``, ``cg_safeguarded``, ``clipped``,
-        ``fallback``), the means of ``ess``, ``ess_min`` and ``resamples``, ``evaluations``
-        (guided evaluations per particle) and ``wall_time``.
+        ``fallback``), the means of ``ess``, ``ess_min``, ``resamples`` and ``log_evidence``,
+        ``evaluations`` (guided evaluations per particle) and ``wall_time``.
     """
 
     particles: int = 16
@@ -160,7 +177,7 @@ class SMC(MMPS):
         denoiser, Y, operator = problem
         n, K = Y.shape[0], int(self.particles)
         group = max(1, int(self.batch_size) // K)
-        draws, ess, ess_min, resamples = [], [], [], []
+        draws, ess, ess_min, resamples, log_z = [], [], [], [], []
         for begin in range(0, n, group):
             rows = slice(begin, min(begin + group, n))
             op = operator if len(operator) == 1 else operator[rows]
@@ -172,9 +189,11 @@ class SMC(MMPS):
             ess.append(1.0 / (weights**2).sum(-1))
             ess_min.append(out["ess_min"])
             resamples.append(out["resamples"])
+            log_z.append(out["log_evidence"])
         self.ess_ = torch.cat(ess).cpu().numpy()
         self.ess_min_ = torch.cat(ess_min).cpu().numpy()
         self.resamples_ = torch.cat(resamples).cpu().numpy()
+        self.log_evidence_ = torch.cat(log_z).cpu().numpy()
         return torch.cat(draws)
 
     def _diagnostics(self) -> dict[str, float]:
@@ -182,6 +201,7 @@ class SMC(MMPS):
             "ess": float(self.ess_.mean()),
             "ess_min": float(self.ess_min_.mean()),
             "resamples": float(self.resamples_.mean()),
+            "log_evidence": float(self.log_evidence_.mean()),
         }
 
     def _resample(self, weights: Tensor, n_draws: int, generator: Any) -> Tensor:
@@ -219,7 +239,9 @@ class SMC(MMPS):
 
         x = levels[0] * randn((b * K, D))
         current = evaluate(x, levels[0])
-        log_w = torch.zeros(b, K, dtype=y.dtype, device=y.device)
+        # initial weights: the twisting function at sigma_max (the particles are prior draws)
+        log_w = current.log_likelihood.view(b, K).clone()
+        log_z = torch.zeros(b, dtype=y.dtype, device=y.device)
         ess_min = torch.full((b,), float(K), dtype=y.dtype, device=y.device)
         resamples = torch.zeros(b, dtype=torch.long, device=y.device)
         # DPM-Solver++(2M) history: the model's and the proposal's previous estimates, and h.
@@ -256,6 +278,7 @@ class SMC(MMPS):
                 current = Guided(*(None if t is None else t[flat] for t in current))
                 if history is not None:
                     history = (history[0][flat], history[1][flat], history[2])
+                log_z = log_z + torch.where(resample, _log_mean_exp(log_w), 0.0)
                 log_w = torch.where(resample[:, None], 0.0, log_w)
                 resamples = resamples + resample.long()
         # Last step: the model's x_0 = x_hat at sigma_min, weighted by the exact likelihood.
@@ -263,11 +286,15 @@ class SMC(MMPS):
         var = torch.as_tensor(op_rep.noise_var, dtype=y.dtype, device=y.device)
         var = var.clamp_min(float(self.sigma_min) ** 2)
         residual = y_rep - op_rep.apply(x0)
-        exact = -0.5 * (residual**2 / var).sum(-1)
+        terms = -0.5 * (residual**2 / var + torch.log(var).expand_as(residual) + _LOG_2PI)
+        observed = torch.as_tensor(op_rep.observed, device=y.device).expand_as(residual)
+        exact = torch.where(observed, terms, 0.0).sum(-1)
         log_w = log_w + (exact - current.log_likelihood).view(b, K)
+        log_z = log_z + _log_mean_exp(log_w)
         return {
             "particles": x0.view(b, K, D),
             "weights": _normalise(log_w),
             "ess_min": ess_min,
             "resamples": resamples,
+            "log_evidence": log_z,
         }
