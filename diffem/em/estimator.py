@@ -73,8 +73,8 @@ _TORCH_ATTRIBUTES = (
 def default_sampler() -> MMPS:
     r"""The accurate single-particle sampler: ``MMPS(steps=64, cg_iter=3, solver="dpmpp_2m",
     warm_start=True)``, one forward pass and four vector-Jacobian products per step. With an
-    exact Gaussian denoiser its means are unbiased and its covariance error is within 1.2x of
-    the sampling floor; the residual guard (:func:`diffem.samplers.guidance.residual_guard`)
+    exact Gaussian denoiser its posterior means and covariances are at the sampling floor
+    (tested); the residual guard (:func:`diffem.samplers.guidance.residual_guard`)
     keeps the accurate solve from throwing samples off the data with a learned denoiser."""
     return MMPS(steps=64, cg_iter=3, solver="dpmpp_2m", warm_start=True)
 
@@ -89,8 +89,8 @@ def recipe_sampler() -> SMC:
     ``sample_posterior`` and ``transform``: twisted SMC with 32 DPM-Solver++(2M) steps, 8
     particles per observation and three CG iterations (:class:`~diffem.samplers.SMC`). Its
     importance weights remove the samples that the moment-matching Gaussian approximation puts
-    where the prior has no mass (multimodal posteriors), and with an exact Gaussian denoiser
-    its covariance error is within 1.15x of the sampling floor."""
+    where the prior has no mass (multimodal posteriors); with an exact Gaussian denoiser its
+    posterior covariances are at the sampling floor (tested)."""
     return SMC(steps=32, particles=8, cg_iter=3, solver="dpmpp_2m")
 
 
