@@ -61,8 +61,8 @@ __all__ = ["DemoConfig", "DemoResult", "distances", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    """Size of the demo run. :meth:`full` took 307 s on 2 shared CPU cores (load ~3), :meth:`quick`
-    in < 1 minute.
+    """Size of the demo run: :meth:`full` (the README's demo; its measured time is in
+    ``benchmarks/results/demo.md``) or :meth:`quick` (a smoke run).
 
     The estimator is ``DiffusionPriorEM``'s recipe (its defaults: twisted-SMC E-step after a
     cheap warm-up, EMA weights, several posterior samples per observation, the network

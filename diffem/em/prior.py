@@ -52,6 +52,10 @@ class DiffusionPrior:
         A Gaussian close to the prior (the one moment-matched to the samples it was trained
         on, or the EM initialisation): its exact posterior, slightly inflated, is the proposal
         of :meth:`log_evidence`, and its flow the reference of the probability-flow ODE.
+    device : str or torch.device, default="cpu"
+        Where the denoiser runs; inputs move there in chunks, outputs come back to the CPU.
+    batch_size : int, default=4096
+        Rows per chunk on the device (posterior samples; ODE proposals).
     n_mean_samples : int, default=16
         Posterior samples averaged by :meth:`posterior_mean`.
     n_score_samples : int, default=16
@@ -60,10 +64,6 @@ class DiffusionPrior:
         Heun steps of the probability-flow ODE of :meth:`log_evidence`.
     min_noise_std : float, default=1e-3
         Noise std floor of :meth:`log_evidence` for noiseless measurements.
-    batch_size : int, default=4096
-        Rows per chunk on the device (posterior samples; ODE proposals).
-    device : str or torch.device, default="cpu"
-        Where the denoiser runs; inputs move there in chunks, outputs come back to the CPU.
     verbose : int, default=0
         Progress bars of the unconditional sampler.
     """
@@ -74,12 +74,12 @@ class DiffusionPrior:
         sampler: Any,
         reference: GaussianPrior,
         *,
+        device: str | torch.device = "cpu",
+        batch_size: int = 4096,
         n_mean_samples: int = 16,
         n_score_samples: int = 16,
         score_steps: int = 8,
         min_noise_std: float = 1e-3,
-        batch_size: int = 4096,
-        device: str | torch.device = "cpu",
         verbose: int = 0,
     ) -> None:
         self.denoiser = denoiser
