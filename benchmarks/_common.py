@@ -17,6 +17,7 @@ __all__ = [
     "RESULTS_DIR",
     "machine_header",
     "markdown_table",
+    "publish",
     "resolve_device",
     "synchronize",
     "timed",
@@ -24,6 +25,16 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def publish(lines: list[str], out: Path | None) -> None:
+    """Prints a result file's lines and, when ``out`` is given, writes them there."""
+    text = "\n".join(lines)
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
 
 
 def synchronize(device: torch.device) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS_DIR, machine_header, markdown_table
+from _common import RESULTS_DIR, machine_header, markdown_table, publish
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,12 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(header, rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

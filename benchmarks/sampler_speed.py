@@ -54,6 +54,7 @@ from _common import (
     RESULTS_DIR,
     machine_header,
     markdown_table,
+    publish,
     resolve_device,
     timed_medians,
 )
@@ -366,12 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(header, rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS_DIR, machine_header, markdown_table
+from _common import RESULTS_DIR, machine_header, markdown_table, publish
 
 from diffem.em.evidence import (
     GaussianFlow,
@@ -231,12 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-from _common import RESULTS_DIR, machine_header, markdown_table
+from _common import RESULTS_DIR, machine_header, markdown_table, publish
 
 from diffem import DiffusionPriorEM
 from diffem.em.evidence import importance_log_evidence, moment_matched_gaussian
@@ -280,12 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         markdown_table(["truth", "D", "4x proposals", "2x steps", "8 probes"], budget_rows),
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        print(f"wrote {args.out}")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
