@@ -647,9 +647,6 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 network.set_params(lr=self._initial_lr * float(self.lr_decay) ** (k - 1))
             X = self._e_samples.reshape(-1, self.n_features_in_)
             self._partial_fit(network, X, _sub_seed(base_seed, k, 2))
-            # score hook: the moment-matched Gaussian of the samples the new prior was
-            # trained on; its posteriors are the importance proposals of score_samples
-            proposal = moment_matched_gaussian(X)
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
                 raise KeyboardInterrupt
@@ -691,10 +688,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             ) from error
         record.update(_sample_stats(samples))
         record.update(self._evidence_summary(evidence))
+        # score hook: the moment-matched Gaussian of the samples the new prior was trained on;
+        # its posteriors are the importance proposals of score_samples
+        self.proposal_ = moment_matched_gaussian(self._e_samples.reshape(-1, self.n_features_in_))
         self._e_samples = samples
         self._last_evidence = evidence
         self.denoiser_ = network
-        self.proposal_ = proposal
         self.n_iter_ = k
         self.history_.append(record)
         self._track_convergence(record["log_evidence"], k, network)
@@ -958,11 +957,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         if isinstance(prior, AnalyticPrior):
             values = _float32(prior.log_evidence(Y_t, op))
             return (values, np.zeros_like(values)) if return_std else values
-        generator = self._predict_generator(None)
-        if not return_std:
-            return _float32(prior.log_evidence(Y_t, op, generator))
-        values, std = prior.log_evidence(Y_t, op, generator, return_std=True)
-        return _float32(values), _float32(std)
+        values, std = prior.log_evidence(Y_t, op, self._predict_generator(None), return_std=True)
+        return (_float32(values), _float32(std)) if return_std else _float32(values)
 
     def score(self, Y: Any, operator: Operator | None = None, *, y: Any = None) -> float:
         """Mean log-evidence of the observations, ``mean(score_samples(Y, operator))``;
