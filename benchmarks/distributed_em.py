@@ -112,10 +112,10 @@ FORWARDED = ("observations", "dim", "n_iter", "epochs", "seed")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--observations", type=int, default=None, help="default 1000")
+    parser.add_argument("--observations", type=int, default=None, help="default 800")
     parser.add_argument("--dim", type=int, default=16)
-    parser.add_argument("--n-iter", type=int, default=None, help="EM iterations (default 6)")
-    parser.add_argument("--epochs", type=int, default=None, help="M-step epochs (default 16)")
+    parser.add_argument("--n-iter", type=int, default=None, help="EM iterations (default 5)")
+    parser.add_argument("--epochs", type=int, default=None, help="M-step epochs (default 8)")
     parser.add_argument("--repeats", type=int, default=None, help="alternations (default 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny smoke run, writes nothing")
@@ -123,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = {"observations": 200, "n_iter": 2, "epochs": 2, "repeats": 1}
-    full = {"observations": 1000, "n_iter": 6, "epochs": 16, "repeats": 1}
+    full = {"observations": 800, "n_iter": 5, "epochs": 8, "repeats": 1}
     for name, value in (quick if args.quick else full).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
