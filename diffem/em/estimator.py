@@ -27,6 +27,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,8 +40,8 @@ from torch import Tensor
 from diffem._device import loadable_device, resolve_device
 from diffem._random import draw_seed as _seed
 from diffem._random import torch_generator as _generator
-from diffem._validation import check_int
-from diffem.denoisers import DivergenceError, MLPDenoiser
+from diffem._validation import check_image_shape, check_int
+from diffem.denoisers import Denoiser, DivergenceError, MLPDenoiser, UNetDenoiser
 from diffem.em._interrupt import InterruptFlag
 from diffem.em._persistence import dumps, loads
 from diffem.em._progress import EpochProgress, em_progress, postfix
@@ -101,11 +102,24 @@ def recipe_warmup_sampler() -> SMC:
     return SMC(steps=16, particles=8, cg_iter=1, solver="dpmpp_2m")
 
 
-def recipe_denoiser() -> MLPDenoiser:
-    r"""The denoiser of ``DiffusionPriorEM(denoiser=None)``: :class:`MLPDenoiser` (3 residual
-    blocks of width 256) with an exponential moving average of its weights (decay 0.999), used
-    by the E-step, and a fresh learning-rate cosine per M-step."""
-    return MLPDenoiser(ema_decay=0.999)
+def recipe_denoiser(image_shape: Sequence[int] | None = None) -> Denoiser:
+    r"""The denoiser of ``DiffusionPriorEM(denoiser=None)``, or the recommended one for images.
+
+    Without ``image_shape``: :class:`MLPDenoiser` (3 residual blocks of width 256) with an
+    exponential moving average of its weights (decay 0.999), used by the E-step, and a fresh
+    learning-rate cosine per M-step. With ``image_shape = (C, H, W)`` (the rows of ``Y`` being
+    flattened images): :class:`UNetDenoiser` with two resolution levels of 16 and 32 channels,
+    the same EMA, and training noise levels drawn log-normally around the middle of the
+    schedule (``sigma_distribution="log_normal"``). The estimator sees flat vectors and cannot
+    know the shape: pass ``denoiser=recipe_denoiser(image_shape)`` for images."""
+    if image_shape is None:
+        return MLPDenoiser(ema_decay=0.999)
+    return UNetDenoiser(
+        image_shape=check_image_shape(image_shape),
+        module__channels=(16, 32),
+        sigma_distribution="log_normal",
+        ema_decay=0.999,
+    )
 
 
 def recipe_evidence_sampler() -> SMC:
