@@ -11,7 +11,7 @@ Definition
 - **Priors.** *Mixture*: three Gaussian components with equal weights in ``D = 8`` (means at
   distance 2 sqrt(D)/2 from the origin, covariances :math:`0.3 A A^\top / D + 0.05 I`), and
   the same construction in ``D = 64`` (*mixture 64*); their reference Gaussian is the one
-  moment-matched to 20000 of their samples (as ``proposal_`` is to the E-step's samples), so
+  moment-matched to 20000 of their samples (as ``proposal_`` is to samples of the fitted prior), so
   the prior departs from it by its multimodality (its evidence is 0.8 nats above the
   reference's in ``D = 8``). *Shifted Gaussian*: a Gaussian prior in ``D = 8`` with a
   reference whose mean is off by 0.3 and covariance by a factor 1.5 (a learned prior whose

@@ -220,3 +220,26 @@ def test_prior_samples_follow_the_probability_flow_ode() -> None:
     x = torch.as_tensor(prior.sample(4000, generator=0), dtype=torch.float64)
     np.testing.assert_allclose(x.var(0), variances, rtol=0.06)
     np.testing.assert_allclose(x.mean(0), [0.5, -1.0, 0.0], atol=4 * math.sqrt(4.0 / 4000))
+
+
+def test_recipe_denoiser_for_images() -> None:
+    """recipe_denoiser(image_shape) is the recommended image denoiser (a U-Net on that shape
+    with the recipe's EMA and log-normal noise levels), trains on flattened images with a base
+    (refine_init), and rejects a shape that is not (C, H, W); without a shape it is the MLP
+    recipe."""
+    from diffem.denoisers import UNetDenoiser
+    from diffem.em import recipe_denoiser
+
+    assert isinstance(recipe_denoiser(), MLPDenoiser)
+    net = recipe_denoiser((1, 4, 4))
+    assert isinstance(net, UNetDenoiser)
+    assert net.image_shape == (1, 4, 4)
+    assert net.sigma_distribution == "log_normal"
+    assert net.ema_decay == recipe_denoiser().ema_decay
+    base = GaussianPrior(torch.zeros(16), torch.eye(16))
+    net.set_params(max_epochs=1, batch_size=32, random_state=0, base=base)
+    x_t = torch.randn(8, 16)
+    net.fit(torch.randn(64, 16))
+    assert net(x_t, 0.5).shape == (8, 16)
+    with pytest.raises(ValueError, match="image_shape"):
+        recipe_denoiser((4, 4))

@@ -13,12 +13,15 @@ import torch
 
 from diffem import DiffusionPriorEM
 from diffem.denoisers import MLPDenoiser
+from diffem.em.estimator import recipe_sampler
 from diffem.em.evidence import (
     GaussianFlow,
     importance_log_evidence,
     moment_matched_gaussian,
     ode_log_density,
+    reference_sample_size,
 )
+from diffem.em.prior import DiffusionPrior
 from diffem.operators import Identity, Mask
 from diffem.priors import GaussianPrior
 from diffem.samplers import MMPS
@@ -180,8 +183,54 @@ def test_moment_matched_gaussian() -> None:
     assert (fitted.mean - torch.as_tensor(mean)).abs().max() < 4 * math.sqrt(cov.max() / 4000)
     rel = torch.linalg.norm(fitted.cov_matrix - torch.as_tensor(cov)) / np.linalg.norm(cov)
     assert rel < 0.1
+    # many samples: the empirical covariance, which keeps the small eigenvalues
+    centred = x - x.mean(0)
+    torch.testing.assert_close(fitted.cov_matrix, centred.mT @ centred / len(x))
     few = moment_matched_gaussian(x[:5])  # fewer samples than dimensions: still positive
     assert torch.linalg.eigvalsh(few.cov_matrix).min() > 0
+
+
+def test_reference_sample_size() -> None:
+    """At most a nat, D (D + 3) / (4 N), from the moment-matched Gaussian, and N >= 64 D,
+    within the bounds."""
+    assert reference_sample_size(8) == 4096
+    assert reference_sample_size(100) == 6400
+    assert reference_sample_size(256) == math.ceil(256 * 259 / 4)
+    assert reference_sample_size(4096) == 32768
+    for d in (100, 256, 360):
+        assert d * (d + 3) / (4 * reference_sample_size(d)) <= 1.0
+
+
+def smooth_field(side: int) -> GaussianPrior:
+    """A stationary Gaussian field on a ``side x side`` grid (squared-exponential covariance,
+    length scale 2 pixels, nugget 0.01): many small eigenvalues, as in images."""
+    grid = np.stack(np.meshgrid(np.arange(side), np.arange(side), indexing="ij"), -1)
+    points = grid.reshape(-1, 2).astype(float)
+    dist2 = ((points[:, None] - points[None]) ** 2).sum(-1)
+    return GaussianPrior(np.zeros(side**2), np.exp(-dist2 / 8.0) + 0.01 * np.eye(side**2))
+
+
+def test_reference_from_unconditional_samples_scores_a_smooth_field() -> None:
+    """``proposal_``'s recipe with an exact prior: the Gaussian moment-matched to
+    ``reference_sample_size(D)`` samples drawn by the diffusion sampler (the E-step's
+    solver and steps). On a 10x10 field, whose many small eigenvalues make the proposals
+    sensitive to the reference, the estimate is within its sampling error of the exact
+    evidence."""
+    field = smooth_field(10)
+    prior = GaussianPrior(field.mean.float(), field.cov_matrix.float())
+    rng = np.random.default_rng(0)
+    x = prior.sample(100, generator=1)
+    mask = rng.random(x.shape) < 0.6
+    Y = torch.as_tensor(np.where(mask, x + 0.1 * rng.normal(size=x.shape), 0.0)).float()
+    op = Mask(mask, noise_std=0.1)
+    exact = torch.as_tensor(prior.log_evidence(Y, op)).to(F64)
+    diffusion = DiffusionPrior(prior, recipe_sampler().set_params(**SCHEDULE), prior)
+    n = reference_sample_size(prior.n_features)
+    reference = moment_matched_gaussian(torch.as_tensor(diffusion.sample(n, generator=2)))
+    result = evidence(prior, Y, op, reference, n_samples=16)
+    error = float((result.log_evidence - exact).mean())
+    se = float(result.std.pow(2).sum().sqrt()) / len(Y)
+    assert abs(error) < 4 * se, (error, se)
 
 
 # ---------------------------------------------------------------------- the estimator's methods
@@ -199,7 +248,7 @@ def test_score_samples_return_std(truth, observed) -> None:
         score_steps=2,
         random_state=0,
     ).fit(Y, op)
-    assert est.proposal_.n_features == D
+    assert est.proposal_.n_features == D and est.proposal_seconds_ > 0
     values, std = est.score_samples(Y[:10], op[:10], return_std=True)
     assert values.dtype == std.dtype == np.float32 and values.shape == std.shape == (10,)
     assert np.isfinite(values).all() and np.isfinite(std).all() and (std > 0).all()

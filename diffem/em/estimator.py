@@ -27,6 +27,7 @@ import copy
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -39,14 +40,14 @@ from torch import Tensor
 from diffem._device import loadable_device, resolve_device
 from diffem._random import draw_seed as _seed
 from diffem._random import torch_generator as _generator
-from diffem._validation import check_int
-from diffem.denoisers import DivergenceError, MLPDenoiser
+from diffem._validation import check_image_shape, check_int
+from diffem.denoisers import Denoiser, DivergenceError, MLPDenoiser, UNetDenoiser
 from diffem.em._interrupt import InterruptFlag
 from diffem.em._persistence import dumps, loads
 from diffem.em._progress import EpochProgress, em_progress, postfix
 from diffem.em.checkpoint import find_checkpoint, fingerprint, save_checkpoint
 from diffem.em.distributed import DataParallel, data_parallel_training, resolve_data_parallel
-from diffem.em.evidence import moment_matched_gaussian
+from diffem.em.evidence import moment_matched_gaussian, reference_sample_size
 from diffem.em.prior import DiffusionPrior
 from diffem.em.validation import check_observations, check_params, resolve_operator
 from diffem.operators import Operator
@@ -101,11 +102,24 @@ def recipe_warmup_sampler() -> SMC:
     return SMC(steps=16, particles=8, cg_iter=1, solver="dpmpp_2m")
 
 
-def recipe_denoiser() -> MLPDenoiser:
-    r"""The denoiser of ``DiffusionPriorEM(denoiser=None)``: :class:`MLPDenoiser` (3 residual
-    blocks of width 256) with an exponential moving average of its weights (decay 0.999), used
-    by the E-step, and a fresh learning-rate cosine per M-step."""
-    return MLPDenoiser(ema_decay=0.999)
+def recipe_denoiser(image_shape: Sequence[int] | None = None) -> Denoiser:
+    r"""The denoiser of ``DiffusionPriorEM(denoiser=None)``, or the recommended one for images.
+
+    Without ``image_shape``: :class:`MLPDenoiser` (3 residual blocks of width 256) with an
+    exponential moving average of its weights (decay 0.999), used by the E-step, and a fresh
+    learning-rate cosine per M-step. With ``image_shape = (C, H, W)`` (the rows of ``Y`` being
+    flattened images): :class:`UNetDenoiser` with two resolution levels of 16 and 32 channels,
+    the same EMA, and training noise levels drawn log-normally around the middle of the
+    schedule (``sigma_distribution="log_normal"``). The estimator sees flat vectors and cannot
+    know the shape: pass ``denoiser=recipe_denoiser(image_shape)`` for images."""
+    if image_shape is None:
+        return MLPDenoiser(ema_decay=0.999)
+    return UNetDenoiser(
+        image_shape=check_image_shape(image_shape),
+        module__channels=(16, 32),
+        sigma_distribution="log_normal",
+        ema_decay=0.999,
+    )
 
 
 def recipe_evidence_sampler() -> SMC:
@@ -262,10 +276,14 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     gaussian_prior_ : GaussianPrior
         The Gaussian initialisation.
     proposal_ : GaussianPrior
-        The Gaussian moment-matched to the E-step samples the kept prior was trained on
-        (Ledoit-Wolf covariance): its posteriors are the importance proposals of
+        The Gaussian moment-matched (empirical covariance) to
+        :func:`~diffem.em.evidence.reference_sample_size` unconditional samples of the kept
+        prior, drawn at the end of ``fit``: its posteriors are the importance proposals of
         :meth:`score_samples`, and its flow the reference of the probability-flow ODE. Absent
         while the kept prior is the analytic initialisation.
+    proposal_seconds_ : float
+        Wall seconds ``fit`` spent drawing those samples (part of ``fit``'s time). Absent with
+        ``proposal_``.
     history_ : list of dict
         One record per completed EM iteration: ``iteration``, ``m_step_seconds``,
         ``train_loss`` (last epoch), ``n_epochs``, ``e_step_seconds``, the E-step sampler's
@@ -481,7 +499,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             if bar is not None:
                 bar.close()
             del self._data_parallel
-        self._finish()
+        self._finish(base_seed)
         return self
 
     def fit_transform(
@@ -688,8 +706,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             ) from error
         record.update(_sample_stats(samples))
         record.update(self._evidence_summary(evidence))
-        # score hook: the moment-matched Gaussian of the samples the new prior was trained on;
-        # its posteriors are the importance proposals of score_samples
+        # score hook during the fit (callbacks): the Gaussian moment-matched to the samples the
+        # new prior was trained on; _finish replaces it with one from the kept prior's samples
         self.proposal_ = moment_matched_gaussian(self._e_samples.reshape(-1, self.n_features_in_))
         self._e_samples = samples
         self._last_evidence = evidence
@@ -780,12 +798,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         tol = 0.0 if self.tol is None else float(self.tol)
         if math.isfinite(evidence) and (evidence > best or not math.isfinite(best)):
             keep = copy.deepcopy(network) if self.keep_best else None
-            self._best = {
-                "evidence": evidence,
-                "iteration": k,
-                "network": keep,
-                "proposal": getattr(self, "proposal_", None),
-            }
+            self._best = {"evidence": evidence, "iteration": k, "network": keep}
         if math.isfinite(evidence) and evidence > best + tol:
             self._no_change = 0
         else:
@@ -793,9 +806,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         if self.tol is not None and self.n_iter_no_change is not None:
             self.converged_ = self._no_change >= int(self.n_iter_no_change)
 
-    def _finish(self) -> None:
-        """After the loop: the kept prior (``keep_best``), the convergence warning, and the
-        E-step samples dropped (they only serve the next M-step of a running fit)."""
+    def _finish(self, base_seed: int) -> None:
+        """After the loop: the kept prior (``keep_best``), its score proposal, the convergence
+        warning, and the E-step samples dropped (they only serve the next M-step of a running
+        fit)."""
         best = getattr(self, "_best", None)
         if self.keep_best and best is not None and best["iteration"] != self.n_iter_:
             self.best_iteration_ = int(best["iteration"])
@@ -805,9 +819,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                     del self.proposal_
             else:
                 self.denoiser_ = best["network"]
-                self.proposal_ = best["proposal"]
         else:
             self.best_iteration_ = self.n_iter_
+        if self.denoiser_ is not self.init_prior_:
+            self._fit_proposal(base_seed)
         if (
             not self.converged_
             and not self.interrupted_
@@ -825,6 +840,19 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         for name in _PRIVATE_STATE:
             if hasattr(self, name):
                 delattr(self, name)
+
+    def _fit_proposal(self, base_seed: int) -> None:
+        r"""``proposal_``: the Gaussian moment-matched to
+        :func:`~diffem.em.evidence.reference_sample_size` unconditional samples of the kept
+        prior (empirical covariance), the reference of :meth:`score_samples`. Part of ``fit``
+        (its time is ``proposal_seconds_``); every rank of a distributed fit draws the same
+        samples."""
+        tic = time.perf_counter()
+        prior = self._diffusion_prior(self.denoiser_, self.sampler_)
+        n = reference_sample_size(self.n_features_in_)
+        generator = _generator(_sub_seed(base_seed, self.best_iteration_, 6), self.device_)
+        self.proposal_ = moment_matched_gaussian(prior._sample_torch(n, generator))
+        self.proposal_seconds_ = time.perf_counter() - tic
 
     def _rollback(self, backup: Any) -> None:
         """Restores the network of the last completed iteration."""

@@ -50,9 +50,10 @@ class DiffusionPrior:
         Draws :math:`x \sim q(x \mid y)`; its ``steps``, ``eta``, ``solver``, ``sigma_min``
         and ``sigma_max`` also define the unconditional sampler of :meth:`sample`.
     reference : diffem.priors.GaussianPrior
-        A Gaussian close to the prior (the one moment-matched to the samples it was trained
-        on, or the EM initialisation): its exact posterior, slightly inflated, is the proposal
-        of :meth:`log_evidence`, and its flow the reference of the probability-flow ODE.
+        A Gaussian close to the prior (the one moment-matched to samples of it, see
+        :func:`~diffem.em.evidence.reference_sample_size`, or the EM initialisation): its exact
+        posterior, slightly inflated, is the proposal of :meth:`log_evidence`, and its flow the
+        reference of the probability-flow ODE.
     device : str or torch.device, default="cpu"
         Where the denoiser runs; inputs move there in chunks, outputs come back to the CPU.
     batch_size : int, default=4096
