@@ -65,6 +65,12 @@ def _sinkhorn(samples: np.ndarray, truth: np.ndarray) -> float:
     return sinkhorn_divergence(_finite(samples), truth, reg=0.05)
 
 
+def _se(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (0 for one value)."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
+
 def _w2_squared(samples: np.ndarray, truth: np.ndarray) -> float:
     """The exact squared 2-Wasserstein distance (the converged cross-check of the fixed-budget
     Sinkhorn score)."""
@@ -97,10 +103,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e-step-samples", type=int, default=4)
     p.add_argument("--warmup-iter", type=int, default=6)
     p.add_argument("--ablate", choices=sorted(ABLATIONS), default="none")
+    p.add_argument(
+        "--ceiling",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train the clean-latent ceiling (--no-ceiling: EM and the mixture only)",
+    )
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--mixture-components", type=int, default=16)
     p.add_argument("--mixture-iter", type=int, default=100)
     p.add_argument("--n-eval", type=int, default=2048, help="samples per Sinkhorn divergence")
     p.add_argument("--eval-repeats", type=int, default=4, help="pairs of sets for final priors")
+    p.add_argument(
+        "--iteration-repeats",
+        type=int,
+        default=1,
+        help="sets averaged by the per-iteration Sinkhorn divergence (at most --eval-repeats)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: default)")
@@ -224,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = {}
         for name, metric in (("Sinkhorn", _sinkhorn), ("W2²", _w2_squared)):
             values = [metric(x, truths[r]) for r, x in enumerate(sets)]
-            se = float(np.std(values, ddof=1) / math.sqrt(repeats)) if repeats > 1 else 0.0
-            out.update({name: float(np.mean(values)), f"{name} ± se": se})
+            out.update({name: float(np.mean(values)), f"{name} ± se": _se(values)})
+            out[f"{name} values"] = values
         return out
 
     floor = final(lambda r: truths[r + 1])
@@ -254,12 +273,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     plotted = set(powers_of_two(args.n_iter))
     rows: list[dict[str, Any]] = []
 
+    per_iteration = max(1, min(args.iteration_repeats, repeats))
+
     def on_iteration(k: int, estimator: Any, record: Any) -> None:
-        samples = np.asarray(estimator.sample(n_eval, random_state=args.seed + 100 + k))
+        sets = [
+            np.asarray(estimator.sample(n_eval, random_state=args.seed + 100 + k + 7919 * r))
+            for r in range(per_iteration)
+        ]
+        samples = sets[0]
         row = {
             "iteration": k,
             **record_summary(record),
-            "Sinkhorn": _sinkhorn(samples, truths[0]),
+            "Sinkhorn": float(np.mean([_sinkhorn(x, truths[r]) for r, x in enumerate(sets)])),
         }
         rows.append(row)
         log(
@@ -287,30 +312,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"EM: {results[em_name]}")
 
     # ---- ceiling: the same pipeline on the clean latents, the same optimizer steps
-    t0 = time.perf_counter()
-    clean_op = Identity(args.n_features, noise_std=args.noise_std)
-    clean = make_estimator(args, device).set_params(n_iter=0, verbose=0).fit(X, clean_op)
-    net = make_estimator(args, device).denoiser
-    net.set_params(
-        max_epochs=max(1, math.ceil(steps / math.ceil(n / args.batch_size))),
-        sigma_data=float(est.sigma_data_),
-        device=device,
-    )
-    if est.refine_init and args.ablate != "refine":
-        net.set_params(base=clean.init_prior_)
-    net.fit(torch.as_tensor(X, dtype=torch.float32))
-    saved = est.denoiser_
-    try:
-        est.denoiser_ = net
-        ceiling = {**final(lambda r: est.sample(n_eval, random_state=args.seed + 2000 + r))}
-        snapshots["clean-trained"] = est.sample(n_eval, random_state=args.seed + 2000)
-    finally:
-        est.denoiser_ = saved
-    results["ceiling: same pipeline on clean latents"] = {
-        **ceiling,
-        "seconds": time.perf_counter() - t0,
-    }
-    log(f"ceiling: {results['ceiling: same pipeline on clean latents']}")
+    if args.ceiling:
+        t0 = time.perf_counter()
+        clean_op = Identity(args.n_features, noise_std=args.noise_std)
+        clean = make_estimator(args, device).set_params(n_iter=0, verbose=0).fit(X, clean_op)
+        net = make_estimator(args, device).denoiser
+        net.set_params(
+            max_epochs=max(1, math.ceil(steps / math.ceil(n / args.batch_size))),
+            sigma_data=float(est.sigma_data_),
+            device=device,
+        )
+        if est.refine_init and args.ablate != "refine":
+            net.set_params(base=clean.init_prior_)
+        net.fit(torch.as_tensor(X, dtype=torch.float32))
+        saved = est.denoiser_
+        try:
+            est.denoiser_ = net
+            ceiling = {**final(lambda r: est.sample(n_eval, random_state=args.seed + 2000 + r))}
+            snapshots["clean-trained"] = est.sample(n_eval, random_state=args.seed + 2000)
+        finally:
+            est.denoiser_ = saved
+        results["ceiling: same pipeline on clean latents"] = {
+            **ceiling,
+            "seconds": time.perf_counter() - t0,
+        }
+        log(f"ceiling: {results['ceiling: same pipeline on clean latents']}")
     snapshots["true latents"] = truths[0]
 
     # ---- evidence references
@@ -319,62 +345,78 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- figures
     tag = args.tag
-    figs = {
-        "pairs": save_figure(
+    ceiling_name = "ceiling: same pipeline on clean latents"
+    figs: dict[str, Path] = {}
+    its = [r["iteration"] for r in rows]
+    if args.figures:
+        figs["pairs"] = save_figure(
             pair_grid(snapshots, title="Manifold: prior samples along EM, baselines, truth"),
             out / f"manifold{tag}_pairs.png",
         )
-    }
-    its = [r["iteration"] for r in rows]
-    figs["sinkhorn"] = save_figure(
-        metric_curves(
-            its,
-            {"DiffusionPriorEM": [r["Sinkhorn"] for r in rows]},
-            baselines={
-                mix_name: results[mix_name]["Sinkhorn"],
-                "ceiling": results["ceiling: same pipeline on clean latents"]["Sinkhorn"],
-                "two sets of true latents": floor["Sinkhorn"],
-            },
-            ylabel="Sinkhorn divergence to true latents",
-            title="Manifold: Sinkhorn divergence vs EM iteration (0 = initialisation)",
-        ),
-        out / f"manifold{tag}_sinkhorn.png",
-    )
-    figs["evidence"] = save_figure(
-        metric_curves(
-            its,
-            {"evidence estimate (SMC)": [r["log evidence"] for r in rows]},
-            errors={"evidence estimate (SMC)": [2 * r["± se"] for r in rows]},
-            baselines={"true prior (exact)": exact_true, f"{mix_name} (exact)": exact_mixture},
-            ylabel="mean log-evidence (nats / observation)",
-            title="Evidence estimate along EM (error bars: 2 standard errors)",
-            logy=False,
-        ),
-        out / f"manifold{tag}_evidence.png",
-    )
+        baselines = {mix_name: results[mix_name]["Sinkhorn"]}
+        if ceiling_name in results:
+            baselines["ceiling"] = results[ceiling_name]["Sinkhorn"]
+        baselines["two sets of true latents"] = floor["Sinkhorn"]
+        figs["sinkhorn"] = save_figure(
+            metric_curves(
+                its,
+                {"DiffusionPriorEM": [r["Sinkhorn"] for r in rows]},
+                baselines=baselines,
+                ylabel="Sinkhorn divergence to true latents",
+                title="Manifold: Sinkhorn divergence vs EM iteration (0 = initialisation)",
+            ),
+            out / f"manifold{tag}_sinkhorn.png",
+        )
+        figs["evidence"] = save_figure(
+            metric_curves(
+                its,
+                {"evidence estimate (SMC)": [r["log evidence"] for r in rows]},
+                errors={"evidence estimate (SMC)": [2 * r["± se"] for r in rows]},
+                baselines={
+                    "true prior (exact)": exact_true,
+                    f"{mix_name} (exact)": exact_mixture,
+                },
+                ylabel="mean log-evidence (nats / observation)",
+                title="Evidence estimate along EM (error bars: 2 standard errors)",
+                logy=False,
+            ),
+            out / f"manifold{tag}_evidence.png",
+        )
 
-    # ---- criteria
-    em_s = results[em_name]["Sinkhorn"]
-    ceil_s = results["ceiling: same pipeline on clean latents"]["Sinkhorn"]
-    mix_s = results[mix_name]["Sinkhorn"]
+    # ---- criteria, with paired differences (the same true latents for every prior)
     second = [r["Sinkhorn"] for r in rows[1 + len(rows) // 2 :]]
     best = min(r["Sinkhorn"] for r in rows[1:])
-    # two standard deviations of one set's divergence
-    spread = 2 * max(floor["Sinkhorn ± se"] * math.sqrt(repeats), 1e-12)
-    em_w = results[em_name]["W2²"]
-    ceil_w = results["ceiling: same pipeline on clean latents"]["W2²"]
-    mix_w = results[mix_name]["W2²"]
-    crit = {
-        "EM <= 1.5 x ceiling (Sinkhorn)": em_s <= 1.5 * ceil_s,
-        "EM <= 1.5 x ceiling (exact W2²)": em_w <= 1.5 * ceil_w,
-        "EM < mixture (Sinkhorn)": em_s < mix_s,
-        "EM < mixture (exact W2²)": em_w < mix_w,
-        "last half of the iterations within 2 sd of one set of the best": max(second)
-        <= best + spread,
-        "evidence changes >= -2 se at every iteration": all(
-            r["evidence change"] >= -2 * r["change se"] for r in rows[1:]
-        ),
-    }
+    # two standard deviations of the difference of two per-iteration values (each the mean of
+    # per_iteration sets; one set's standard deviation from the floor's repeats)
+    spread = (
+        2 * math.sqrt(2.0 / per_iteration) * max(floor["Sinkhorn ± se"] * math.sqrt(repeats), 1e-12)
+    )
+    paired: dict[str, dict[str, float]] = {}
+    crit: dict[str, bool] = {}
+    for metric in ("Sinkhorn", "W2²"):
+        em_v = np.asarray(results[em_name][f"{metric} values"])
+        mix_v = np.asarray(results[mix_name][f"{metric} values"])
+        paired[f"EM - mixture ({metric})"] = {
+            "mean": float(np.mean(em_v - mix_v)),
+            "se": _se(list(em_v - mix_v)),
+        }
+        if ceiling_name in results:
+            ceil_v = np.asarray(results[ceiling_name][f"{metric} values"])
+            paired[f"EM - 1.5 x ceiling ({metric})"] = {
+                "mean": float(np.mean(em_v - 1.5 * ceil_v)),
+                "se": _se(list(em_v - 1.5 * ceil_v)),
+            }
+            paired[f"ceiling - mixture ({metric})"] = {
+                "mean": float(np.mean(ceil_v - mix_v)),
+                "se": _se(list(ceil_v - mix_v)),
+            }
+            crit[f"EM <= 1.5 x ceiling ({metric})"] = bool(em_v.mean() <= 1.5 * ceil_v.mean())
+        crit[f"EM < mixture ({metric})"] = bool(em_v.mean() < mix_v.mean())
+    crit["last half of the iterations within 2 sd of the best"] = max(second) <= best + spread
+    crit["evidence changes >= -2 se at every iteration"] = all(
+        r["evidence change"] >= -2 * r["change se"] for r in rows[1:]
+    )
+    rows_paired = [{"difference": k, **v} for k, v in paired.items()]
     total, cpu = time.perf_counter() - t_all, time.process_time() - cpu_all
     write_report(
         out / f"manifold{tag}.md",
@@ -388,9 +430,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device,
         steps,
         {"true prior (exact)": exact_true, "mixture (exact)": exact_mixture},
+        rows_paired,
     )
     log(f"total {total:.0f} s (CPU {cpu:.0f} s); criteria: {crit}")
-    return {"results": results, "rows": rows, "criteria": crit, "floor": floor}
+    return {
+        "results": results,
+        "rows": rows,
+        "criteria": crit,
+        "floor": floor,
+        "paired": paired,
+        "em_name": em_name,
+        "mix_name": mix_name,
+        "best_iteration": int(est.best_iteration_),
+        "evidence": {"true prior (exact)": exact_true, "mixture (exact)": exact_mixture},
+        "steps": steps,
+        "em_cpu": em_cpu,
+    }
 
 
 def write_report(
@@ -405,6 +460,7 @@ def write_report(
     device: str,
     steps: int,
     evidence: dict[str, float],
+    paired: list[dict[str, Any]],
 ) -> None:
     total, cpu, em_cpu = times
     net_params = make_estimator(args, device).denoiser.get_params(deep=False)
@@ -427,7 +483,10 @@ def write_report(
         f"iterations, {args.n_iter} iterations; {steps} optimizer steps in all; denoiser "
         f"ema_decay {net_params['ema_decay']}, sigma_distribution "
         f"{net_params['sigma_distribution']}",
-        f"- ceiling: the same pipeline on the clean latents, {steps} optimizer steps",
+        f"- ceiling: the same pipeline on the clean latents, {steps} optimizer steps"
+        + ("" if args.ceiling else " (not run: --no-ceiling)"),
+        "- prior samples (EM, ceiling): the probability-flow ODE with the E-step sampler's "
+        "steps and solver (`DiffusionPrior.sample`)",
         f"- final priors: Sinkhorn divergence (reg 0.05, the fixed-budget solver) and exact "
         f"squared 2-Wasserstein distance (`diffem.metrics.wasserstein`, POT's network simplex) "
         f"of {args.n_eval} prior samples to {args.n_eval} fresh true latents, mean ± standard "
@@ -443,6 +502,11 @@ def write_report(
         "",
         *[f"- {k}: **{'yes' if v else 'no'}**" for k, v in crit.items()],
         "",
+        "Paired differences over the repeats (each prior against the same true latents), "
+        "mean ± standard error: a difference is resolved when it exceeds two standard errors.",
+        "",
+        format_table(paired, ["difference", "mean", "se"]),
+        "",
         "## Per EM iteration",
         "",
         "Evidence: the mean over 128 fixed observations of the SMC estimate of "
@@ -450,7 +514,10 @@ def write_report(
         "previous iteration on the same observations. Exact mean log-evidence of all the "
         "observations: "
         + ", ".join(f"{k} {v:.3f}" for k, v in evidence.items())
-        + ". The Sinkhorn divergence here is one set of samples (noisier than the table above).",
+        + ". The Sinkhorn divergence here is the mean over "
+        + f"{max(1, min(args.iteration_repeats, args.eval_repeats))} set(s) of prior samples "
+        "(noisier than the table above); 'within 2 sd of the best' allows two standard "
+        "deviations of the difference of two such means (from the floor's spread).",
         "",
         format_table(
             rows,

@@ -207,6 +207,21 @@ def test_mixture_initialisation(bimodal) -> None:
     assert abs(mixture.score(Y, op) - exact) < 0.1
 
 
+def test_prior_samples_follow_the_probability_flow_ode() -> None:
+    """DiffusionPrior.sample is deterministic given its starting noise (sample_eta=0) and, with
+    the exact denoiser of a Gaussian, has that Gaussian's moments at 32 DPM-Solver++(2M) steps
+    (tolerance: 6% on variances, from the sampling error of 4000 draws, ~2%, and the
+    discretisation error, measured at 2-4%)."""
+    variances = torch.tensor([0.01, 1.0, 4.0], dtype=torch.float64)
+    gaussian = GaussianPrior(torch.tensor([0.5, -1.0, 0.0]), torch.diag(variances))
+    sampler = SMC(steps=32, solver="dpmpp_2m", sigma_min=1e-3, sigma_max=1e2)
+    prior = DiffusionPrior(gaussian, sampler, gaussian)
+    assert prior.sample_eta == 0.0
+    x = torch.as_tensor(prior.sample(4000, generator=0), dtype=torch.float64)
+    np.testing.assert_allclose(x.var(0), variances, rtol=0.06)
+    np.testing.assert_allclose(x.mean(0), [0.5, -1.0, 0.0], atol=4 * math.sqrt(4.0 / 4000))
+
+
 def test_recipe_denoiser_for_images() -> None:
     """recipe_denoiser(image_shape) is the recommended image denoiser (a U-Net on that shape
     with the recipe's EMA and log-normal noise levels), trains on flattened images with a base

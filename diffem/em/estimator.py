@@ -917,8 +917,9 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         """Samples of the learned prior, NumPy float32 ``(n_samples, D)``.
 
         The diffusion prior is sampled with :class:`~diffem.samplers.Unconditional` using the
-        E-step sampler's ``steps``, ``eta``, ``solver`` and schedule. ``random_state`` defaults
-        to the estimator's.
+        E-step sampler's ``steps``, ``solver`` and schedule, deterministically (the
+        probability-flow ODE, :class:`~diffem.em.DiffusionPrior`'s ``sample_eta=0``).
+        ``random_state`` defaults to the estimator's.
         """
         prior = self.prior_
         n_samples = check_int(n_samples, "n_samples", 1)

@@ -8,7 +8,8 @@ exactly; :class:`DiffusionPrior` answers them for a denoiser :math:`D(x_t, \sigm
 E[x \mid x_t]` with a posterior sampler, by Monte Carlo:
 
 * ``sample``: :class:`~diffem.samplers.Unconditional` with the posterior sampler's steps,
-  solver and schedule;
+  solver and schedule, deterministic by default (``sample_eta=0``: the probability-flow ODE,
+  whose discretisation error at a few dozen steps is far below the stochastic sampler's);
 * ``sample_posterior``: the posterior sampler (MMPS by default);
 * ``posterior_mean``: the average of ``n_mean_samples`` posterior samples (error
   :math:`\propto 1 / \sqrt{\text{n\_mean\_samples}}`);
@@ -65,6 +66,10 @@ class DiffusionPrior:
         Heun steps of the probability-flow ODE of :meth:`log_evidence`.
     min_noise_std : float, default=1e-3
         Noise std floor of :meth:`log_evidence` for noiseless measurements.
+    sample_eta : float, default=0.0
+        Stochasticity :math:`\eta` of the unconditional sampler of :meth:`sample`: ``0`` the
+        probability-flow ODE, ``1`` the reverse SDE (the posterior sampler's own ``eta``
+        does not apply: SMC needs a stochastic step, prior sampling does not).
     verbose : int, default=0
         Progress bars of the unconditional sampler.
     """
@@ -81,6 +86,7 @@ class DiffusionPrior:
         n_score_samples: int = 16,
         score_steps: int = 8,
         min_noise_std: float = 1e-3,
+        sample_eta: float = 0.0,
         verbose: int = 0,
     ) -> None:
         self.denoiser = denoiser
@@ -90,6 +96,7 @@ class DiffusionPrior:
         self.n_score_samples = n_score_samples
         self.score_steps = score_steps
         self.min_noise_std = min_noise_std
+        self.sample_eta = sample_eta
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.verbose = verbose
@@ -120,7 +127,7 @@ class DiffusionPrior:
         params = self.sampler.get_params(deep=False)
         sampler = Unconditional(
             steps=int(params.get("steps", 64)),
-            eta=float(params.get("eta", 1.0)),
+            eta=float(self.sample_eta),
             solver=str(params.get("solver", "ancestral")),
             sigma_min=float(params["sigma_min"]),
             sigma_max=float(params["sigma_max"]),
