@@ -434,19 +434,7 @@ def write_report(
         "iteration on the same observations with its standard error; iteration 0 is the "
         "Gaussian initialisation, estimated the same way.",
         "",
-        format_table(
-            rows,
-            [
-                "iteration",
-                "train loss",
-                "E-step s",
-                "M-step s",
-                "log evidence",
-                "± se",
-                "evidence change",
-                "change se",
-            ],
-        ),
+        format_table(rows),
         "",
         f"![evidence along EM]({figs['evidence'].name})",
         "",

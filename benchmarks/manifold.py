@@ -519,20 +519,7 @@ def write_report(
         "(noisier than the table above); 'within 2 sd of the best' allows two standard "
         "deviations of the difference of two such means (from the floor's spread).",
         "",
-        format_table(
-            rows,
-            [
-                "iteration",
-                "train loss",
-                "E-step s",
-                "M-step s",
-                "log evidence",
-                "± se",
-                "evidence change",
-                "change se",
-                "Sinkhorn",
-            ],
-        ),
+        format_table(rows),
         "",
         "## Figures",
         "",
