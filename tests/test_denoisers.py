@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import pickle
 import warnings
@@ -259,6 +260,30 @@ def test_ema_weights_are_used_and_pickled() -> None:
     plain.set_params(ema_decay=0.5).partial_fit(X)
     assert int(plain.ema_module_.n_averaged) == 8
     assert not torch.equal(_params(plain.ema_module_), _params(plain.module_))
+
+
+def test_ema_restart_averages_the_current_call_only() -> None:
+    X, _, _ = _gaussian(512)
+    kwargs = dict(max_epochs=2, batch_size=64, ema_decay=0.99, random_state=0, **SMALL)
+    restarted = MLPDenoiser(ema_restart=True, **kwargs).fit(X)
+    continued = MLPDenoiser(**kwargs).fit(X)
+    # the first call is the same either way
+    assert torch.equal(_params(restarted.ema_module_), _params(continued.ema_module_))
+    # after a restart, what the average held before the call no longer matters
+    corrupted = copy.deepcopy(restarted)
+    with torch.no_grad():
+        for p in corrupted.ema_module_.parameters():
+            p.fill_(1e3)
+    restarted.partial_fit(X)
+    corrupted.partial_fit(X)
+    assert torch.equal(_params(restarted.ema_module_), _params(corrupted.ema_module_))
+    assert int(restarted.ema_module_.n_averaged) == 16
+    # without it, the average continues across calls
+    continued.partial_fit(X)
+    assert int(continued.ema_module_.n_averaged) == 32
+    assert not torch.equal(_params(continued.ema_module_), _params(restarted.ema_module_))
+    with pytest.raises(ValueError, match="ema_restart"):
+        MLPDenoiser(ema_restart="yes", **SMALL).fit(X)
 
 
 def test_gradient_clipping_bounds_the_step() -> None:

@@ -152,6 +152,14 @@ class Denoiser(NeuralNet):
         with the warm-up :math:`\min(\text{decay}, (1 + k) / (10 + k))` after :math:`k`
         updates (the first copies the weights). When set, the call, :meth:`predict` and
         :meth:`loss` use the EMA weights, which are pickled with the net (``ema_module_``).
+    ema_restart : bool
+        Whether each :meth:`fit`/:meth:`partial_fit` call restarts the EMA's warm-up (its
+        first update copies the weights), so that the average covers the steps of the current
+        call only, as the ``"cosine"`` schedule restarts per call. ``False`` (default)
+        continues the average across calls: its horizon then grows with the steps of all
+        calls (about a tenth of them during the warm-up), which, when each call trains on a
+        new target (the M-steps of EM), mixes weights fitted to earlier targets into the
+        average.
     clip_grad_norm : float or None
         Clip the global gradient norm to this value before each step (``None``: no clipping;
         skorch's ``GradientNormClipping``, callback ``gradient_clipping``). The pre-clipping
@@ -233,6 +241,7 @@ class Denoiser(NeuralNet):
         log_sigma_std: float = 1.2,
         sigma_data: float = 1.0,
         ema_decay: float | None = None,
+        ema_restart: bool = False,
         clip_grad_norm: float | None = 1.0,
         lr_schedule: str = "cosine",
         base: Any = None,
@@ -269,6 +278,7 @@ class Denoiser(NeuralNet):
         self.log_sigma_std = log_sigma_std
         self.sigma_data = sigma_data
         self.ema_decay = ema_decay
+        self.ema_restart = ema_restart
         self.clip_grad_norm = clip_grad_norm
         self.lr_schedule = lr_schedule
         self.base = base
@@ -307,6 +317,8 @@ class Denoiser(NeuralNet):
         check_number(self.sigma_data, "sigma_data", 0.0, low_open=True)
         if self.ema_decay is not None:
             check_number(self.ema_decay, "ema_decay", 0.0, 1.0, high_open=True)
+        if not isinstance(self.ema_restart, (bool, np.bool_)):
+            raise ValueError(f"ema_restart must be a bool, got {self.ema_restart!r}.")
         if self.clip_grad_norm is not None:
             check_number(self.clip_grad_norm, "clip_grad_norm", 0.0, low_open=True)
         if self.sigma_distribution not in _SIGMA_DISTRIBUTIONS:
@@ -501,7 +513,8 @@ class Denoiser(NeuralNet):
         r"""Continue training on ``X`` ``(n, D)`` for ``max_epochs`` epochs (warm start).
 
         Keeps the weights, EMA weights and optimizer state; the ``"cosine"`` learning-rate
-        schedule restarts at ``lr`` for this call. Initialises the net on the first call.
+        schedule restarts at ``lr`` for this call (and the EMA's warm-up with
+        ``ema_restart``). Initialises the net on the first call.
         """
         if fit_params:
             raise TypeError(
@@ -519,6 +532,8 @@ class Denoiser(NeuralNet):
                 self.ema_module_ = self._make_ema(self.module_)
         elif self.ema_decay is not None:
             ema.multi_avg_fn = WarmupEMA(float(self.ema_decay))
+            if self.ema_restart:
+                ema.n_averaged.zero_()  # the next update copies the weights
         noise_device = torch.device(self.device)
         self.noise_rng_ = torch.Generator(device=noise_device).manual_seed(self._draw_seed())
         self.last_good_ = None  # snapshot at the start of each epoch (on_epoch_begin)
