@@ -72,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--e-step-samples", type=int, default=2)
     p.add_argument("--steps", type=int, default=32, help="MMPS steps (E-step, transform)")
     p.add_argument("--cg-iter", type=int, default=1)
+    p.add_argument(
+        "--eta",
+        type=float,
+        default=1.0,
+        help="stochasticity of the MMPS steps (1: DDPM, 0: DDIM); E-step and transform",
+    )
     p.add_argument("--transform-samples", type=int, default=16, help="draws averaged")
     p.add_argument("--particles", type=int, default=8, help="SMC particles (--ablate smc)")
     p.add_argument("--evidence-rows", type=int, default=64)
@@ -132,7 +138,7 @@ def make_estimator(args: argparse.Namespace, device: str) -> Any:
         denoiser=denoiser,
         # MMPS: on these 64-pixel images the SMC particle systems of the estimator's default
         # collapse to one lineage, so that the mean of their draws is one sample's error
-        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver=solver),
+        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver=solver, eta=args.eta),
         n_transform_samples=args.transform_samples,
         evidence_sampler=SMC(
             steps=args.evidence_steps,
@@ -409,7 +415,8 @@ def write_report(
         f" channels), EMA {net.ema_decay}, {net.sigma_distribution} training noise levels, "
         f"{args.epochs} epochs per M-step, batch {args.batch_size}, lr {args.lr}",
         f"- EM: {args.n_iter} iterations from the Gaussian; E-step: MMPS {args.steps} "
-        f"DPM-Solver++(2M) steps, cg_iter {args.cg_iter}, {args.e_step_samples} samples per "
+        f"DPM-Solver++(2M) steps, eta {args.eta}, cg_iter {args.cg_iter}, "
+        f"{args.e_step_samples} samples per "
         f"observation; evidence: SMC {args.evidence_steps} steps, {args.evidence_particles} "
         f"particles, cg_iter {args.evidence_cg_iter} on "
         f"{args.evidence_rows} training observations; transform: the E-step's MMPS, mean of "
