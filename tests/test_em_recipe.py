@@ -175,6 +175,17 @@ def test_lr_decay_scales_each_m_step(bimodal) -> None:
     np.testing.assert_allclose(lrs, [4e-3] * 2 + [2e-3] * 2 + [1e-3] * 2, rtol=1e-6)
 
 
+def test_first_epochs_lengthens_the_first_m_step_only(bimodal) -> None:
+    Y, op, _ = bimodal
+    denoiser = MLPDenoiser(
+        max_epochs=1, batch_size=128, module__hidden_features=8, module__n_blocks=1
+    )
+    est = small_estimator(denoiser=denoiser, n_iter=3, tol=None, keep_best=False, first_epochs=3)
+    est.fit(Y, op)
+    assert [r["n_epochs"] for r in est.history_] == [3, 1, 1]
+    assert est.denoiser_.max_epochs == 1
+
+
 # ---------------------------------------------------------------------- the prior protocol
 def test_both_priors_answer_the_same_protocol(bimodal) -> None:
     Y, op, _ = bimodal

@@ -155,6 +155,7 @@ class TestValidation:
             "device": "not-a-device",
             "e_step_samples": 0,
             "lr_decay": 0.0,
+            "first_epochs": 0,
             "tol": -0.1,
             "n_iter_no_change": 0,
         }

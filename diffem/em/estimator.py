@@ -195,6 +195,12 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
     reset_optimizer : bool, default=False
         Whether each M-step starts with a fresh optimizer state (as in the paper's code)
         instead of the previous M-step's.
+    first_epochs : int or None, default=None
+        Epochs of the first M-step, which fits the network to the exact posterior samples of
+        the analytic start, the farthest from EM's fixed point; ``None``: the denoiser's
+        ``max_epochs``, as every other M-step. EM raises the evidence only with an M-step
+        that maximises its objective: a first M-step too short to fit leaves a prior worse
+        than the start.
     lr_decay : float, default=1.0
         The M-step of iteration :math:`k` trains with learning rate
         ``denoiser.lr * lr_decay ** (k - 1)`` (and the denoiser's schedule within the M-step):
@@ -361,6 +367,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         warmup_iter: int = 4,
         e_step_samples: int = 4,
         reset_optimizer: bool = False,
+        first_epochs: int | None = None,
         lr_decay: float = 1.0,
         evidence_sampler: Any = None,
         evidence_rows: int | None = 128,
@@ -390,6 +397,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.warmup_iter = warmup_iter
         self.e_step_samples = e_step_samples
         self.reset_optimizer = reset_optimizer
+        self.first_epochs = first_epochs
         self.lr_decay = lr_decay
         self.evidence_sampler = evidence_sampler
         self.evidence_rows = evidence_rows
@@ -664,7 +672,15 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
             if "lr" in network.get_params(deep=False):
                 network.set_params(lr=self._initial_lr * float(self.lr_decay) ** (k - 1))
             X = self._e_samples.reshape(-1, self.n_features_in_)
-            self._partial_fit(network, X, _sub_seed(base_seed, k, 2))
+            epochs = network.get_params(deep=False).get("max_epochs")
+            first = k == 1 and self.first_epochs is not None and epochs is not None
+            try:
+                if first:
+                    network.set_params(max_epochs=int(self.first_epochs))
+                self._partial_fit(network, X, _sub_seed(base_seed, k, 2))
+            finally:
+                if first:
+                    network.set_params(max_epochs=epochs)
             record["m_step_seconds"] = time.perf_counter() - tic
             if flag.raised:  # skorch stopped training on Ctrl-C and returned normally
                 raise KeyboardInterrupt

@@ -198,6 +198,7 @@ def check_params(estimator: Any) -> None:
     _check_int(estimator.verbose, "verbose", 0)
     _check_int(estimator.warmup_iter, "warmup_iter", 0)
     _check_int(estimator.e_step_samples, "e_step_samples", 1)
+    _check_int(estimator.first_epochs, "first_epochs", 1, allow_none=True)
     _check_int(estimator.n_iter_no_change, "n_iter_no_change", 1, allow_none=True)
     _check_int(estimator.init_components, "init_components", 1)
     for name in ("reset_optimizer", "keep_best", "refine_init"):
