@@ -73,11 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=32, help="MMPS steps (E-step, transform)")
     p.add_argument("--cg-iter", type=int, default=1)
     p.add_argument(
-        "--eta",
+        "--e-step-eta",
         type=float,
-        default=1.0,
-        help="stochasticity of the MMPS steps (1: DDPM, 0: DDIM); E-step and transform",
+        default=0.0,
+        help="stochasticity of the E-step's MMPS steps (1: DDPM, 0: DDIM); transform: 1",
     )
+    p.add_argument("--first-epochs", type=int, default=64, help="epochs of the first M-step")
     p.add_argument("--transform-samples", type=int, default=16, help="draws averaged")
     p.add_argument("--particles", type=int, default=8, help="SMC particles (--ablate smc)")
     p.add_argument("--evidence-rows", type=int, default=64)
@@ -138,7 +139,13 @@ def make_estimator(args: argparse.Namespace, device: str) -> Any:
         denoiser=denoiser,
         # MMPS: on these 64-pixel images the SMC particle systems of the estimator's default
         # collapse to one lineage, so that the mean of their draws is one sample's error
-        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver=solver, eta=args.eta),
+        sampler=MMPS(steps=args.steps, cg_iter=args.cg_iter, solver=solver),
+        # the E-step's sampler for every iteration: the estimator's warm-up sampler
+        warmup_sampler=MMPS(
+            steps=args.steps, cg_iter=args.cg_iter, solver=solver, eta=args.e_step_eta
+        ),
+        warmup_iter=args.n_iter,
+        first_epochs=args.first_epochs,
         n_transform_samples=args.transform_samples,
         evidence_sampler=SMC(
             steps=args.evidence_steps,
@@ -159,6 +166,7 @@ def make_estimator(args: argparse.Namespace, device: str) -> Any:
         params["sampler"] = SMC(
             steps=args.steps, particles=args.particles, cg_iter=args.cg_iter, solver=solver
         )
+        params["warmup_sampler"] = params["sampler"]
     elif ablate == "refine":
         params["refine_init"] = False
     elif ablate == "samples":
@@ -413,14 +421,15 @@ def write_report(
         "the posterior mean (`transform`)",
         f"- denoiser: `{type(net).__name__}` ({channels}"
         f" channels), EMA {net.ema_decay}, {net.sigma_distribution} training noise levels, "
-        f"{args.epochs} epochs per M-step, batch {args.batch_size}, lr {args.lr}",
+        f"{args.epochs} epochs per M-step ({args.first_epochs} for the first), batch "
+        f"{args.batch_size}, lr {args.lr}",
         f"- EM: {args.n_iter} iterations from the Gaussian; E-step: MMPS {args.steps} "
-        f"DPM-Solver++(2M) steps, eta {args.eta}, cg_iter {args.cg_iter}, "
+        f"DPM-Solver++(2M) steps, eta {args.e_step_eta}, cg_iter {args.cg_iter}, "
         f"{args.e_step_samples} samples per "
         f"observation; evidence: SMC {args.evidence_steps} steps, {args.evidence_particles} "
         f"particles, cg_iter {args.evidence_cg_iter} on "
-        f"{args.evidence_rows} training observations; transform: the E-step's MMPS, mean of "
-        f"{args.transform_samples} draws",
+        f"{args.evidence_rows} training observations; transform: MMPS with the same steps, "
+        f"eta 1, mean of {args.transform_samples} draws",
         "",
         "## Results",
         "",
