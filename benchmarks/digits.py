@@ -10,7 +10,9 @@ images), for
 
 * ``DiffusionPriorEM`` (posterior mean: ``transform``) with the EM recipe and the recommended
   image denoiser (``recipe_denoiser(image_shape)``: a U-Net), fitted on the corrupted training
-  images, with MMPS as posterior sampler (see ``--ablate smc``) at CPU sizes;
+  images, with MMPS as posterior sampler (see ``--ablate smc``) at CPU sizes: its
+  deterministic steps (``eta=0``, ``--e-step-eta``) in the E-step, the less spread ones
+  (``benchmarks/estep_calibration.py``), and a first M-step of ``--first-epochs`` epochs;
 * scikit-learn's ``IterativeImputer`` and ``KNNImputer``, fitted on the same images with NaN;
 * the Gaussian (PPCA) prior the EM starts from (``n_iter=0``);
 * the ceiling: the same pipeline on the clean training images (the same denoiser refining the
