@@ -157,6 +157,7 @@ class TestValidation:
             "lr_decay": 0.0,
             "tol": -0.1,
             "n_iter_no_change": 0,
+            "init_shrinkage": -1.0,
         }
         for name, value in cases.items():
             est = DiffusionPriorEM(**{name: value})  # construction never validates

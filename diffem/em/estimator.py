@@ -224,6 +224,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         paper; more is a Gaussian mixture fitted by extreme deconvolution
         (:func:`diffem.priors.fit_gaussian_mixture`, ``4 * gaussian_iter`` iterations), whose
         exact posterior gives the first E-step.
+    init_shrinkage : float, default=0.0
+        Pseudo-observations pulling that mixture's component covariances towards the
+        Gaussian's (``shrinkage`` of :func:`diffem.priors.fit_gaussian_mixture`): full
+        covariances are ill-posed when each observation sees few features.
     refine_init : bool, default=True
         Whether the network refines the analytic initialisation's exact denoiser (the
         denoiser's ``base``): :math:`D_\theta = D_0 + c_{\text{out}} F_\theta` with
@@ -368,6 +372,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         n_iter_no_change: int | None = 4,
         keep_best: bool = True,
         init_components: int = 1,
+        init_shrinkage: float = 0.0,
         refine_init: bool = True,
         gaussian_iter: int = 16,
         gaussian_rank: int | None = None,
@@ -397,6 +402,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.keep_best = keep_best
         self.init_components = init_components
+        self.init_shrinkage = init_shrinkage
         self.refine_init = refine_init
         self.gaussian_iter = gaussian_iter
         self.gaussian_rank = gaussian_rank
@@ -590,6 +596,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 op,
                 int(self.init_components),
                 n_iter=4 * int(self.gaussian_iter),
+                shrinkage=float(self.init_shrinkage),
                 random_state=_sub_seed(base_seed, 0, 4),
                 device=device,
             ).to("cpu")
