@@ -130,6 +130,20 @@ def psnr_missing(estimate: np.ndarray, truth: np.ndarray, missing: np.ndarray) -
     )
 
 
+def load_split(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, Any, Any, Any]:
+    """Clean images, corrupted images (float64), their ``Mask`` operator, and the training and
+    held-out indices (sorted) of the benchmark's split."""
+    from diffem.datasets import load_digits_corrupted
+
+    clean, Y, operator = load_digits_corrupted(
+        missing=args.missing, noise_std=args.noise_std, random_state=args.seed
+    )
+    clean, Y = np.asarray(clean, dtype=np.float64), np.asarray(Y, dtype=np.float64)
+    perm = np.random.RandomState(args.seed).permutation(len(clean))
+    n_test = round(args.test_size * len(clean))
+    return clean, Y, operator, np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
 def make_estimator(args: argparse.Namespace, device: str) -> Any:
     """``DiffusionPriorEM`` with the recipe at the benchmark's sizes and one element off."""
     from diffem import DiffusionPriorEM
@@ -187,7 +201,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from sklearn.experimental import enable_iterative_imputer  # noqa: F401
     from sklearn.impute import IterativeImputer, KNNImputer
 
-    from diffem.datasets import load_digits_corrupted
     from diffem.operators import Identity
     from diffem.plotting import image_grid, metric_curves, save_figure
 
@@ -203,14 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.verbose:
             print(msg, flush=True)
 
-    clean, Y, operator = load_digits_corrupted(
-        missing=args.missing, noise_std=args.noise_std, random_state=args.seed
-    )
-    clean, Y = np.asarray(clean, dtype=np.float64), np.asarray(Y, dtype=np.float64)
-    rng = np.random.RandomState(args.seed)
-    perm = rng.permutation(len(clean))
-    n_test = round(args.test_size * len(clean))
-    test, train = np.sort(perm[:n_test]), np.sort(perm[n_test:])
+    clean, Y, operator, train, test = load_split(args)
     observed = np.broadcast_to(np.asarray(operator.observed.cpu(), dtype=bool), Y.shape)
     Y_nan = np.where(observed, Y, np.nan)
     missing_test = ~observed[test]
