@@ -567,6 +567,27 @@ def test_fit_gaussian_mixture_shrinkage_m_step_is_closed_form():
         fit(shrinkage=-1.0)
 
 
+def test_fit_gaussian_mixture_rank_one_component_is_the_projected_gaussian_em():
+    """With one component and ``rank``, the mixture's M-step is fit_gaussian's "exact" one with
+    the same rank (full update, then principal-axis factoring): same prior, same history."""
+    y, op = _masked_two_clusters()
+    d, rank = y.shape[1], 2
+    gen = torch.Generator().manual_seed(43)
+    factor = torch.randn(d, rank, generator=gen, dtype=F64)
+    diag = torch.rand(d, generator=gen, dtype=F64) + 0.5
+    gauss = GaussianPrior.low_rank(torch.zeros(d, dtype=F64), factor, diag)
+    start = GaussianMixturePrior([1.0], gauss.mean[None], gauss.cov_matrix[None])
+    kw = {"n_iter": 4, "rank": rank, "dtype": F64}
+    mixture = fit_gaussian_mixture(y, op, 1, init=start, **kw)
+    expected = fit_gaussian(y, op, init=gauss, method="exact", **kw)
+    torch.testing.assert_close(mixture.cov_matrices[0], expected.cov_matrix, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(mixture.means[0], expected.mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(mixture.history_, expected.history_, rtol=1e-10)
+    assert expected.rank == rank  # so the mixture's component is rank r plus a diagonal
+    with pytest.raises(ValueError, match="rank"):
+        fit_gaussian_mixture(y, op, 1, rank=d + 1)
+
+
 def test_fit_gaussian_mixture_shrinkage_never_lowers_the_penalised_evidence():
     r"""Shrinkage is a MAP-EM: n * mean log-evidence - nu/2 sum_k (logdet C_k +
     tr(C_k^{-1} C_0)) never decreases, step after step."""

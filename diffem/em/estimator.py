@@ -237,7 +237,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         Iterations of the closed-form Gaussian EM of the initialisation.
     gaussian_rank : int or None, default=None
         Rank of the Gaussian initialisation's covariance (PPCA-style low rank plus diagonal),
-        for large dimensions; ``None`` is a full covariance.
+        for large dimensions, and of each component's with ``init_components > 1``; ``None`` is
+        a full covariance.
     n_transform_samples : int, default=16
         Posterior samples averaged by :meth:`transform` for a diffusion prior.
     n_score_samples : int, default=16
@@ -597,6 +598,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 int(self.init_components),
                 n_iter=4 * int(self.gaussian_iter),
                 shrinkage=float(self.init_shrinkage),
+                rank=self.gaussian_rank,
                 random_state=_sub_seed(base_seed, 0, 4),
                 device=device,
             ).to("cpu")

@@ -206,7 +206,7 @@ class _GaussianEM(ExpectationMaximization):
 class _MixtureEM(ExpectationMaximization):
     """Extreme deconvolution: ``weights (K,)``, ``means (K, D)`` and full ``covs (K, D, D)``,
     with the covariances shrunk towards the pooled start ``target (D, D)`` by ``shrinkage``
-    pseudo-observations."""
+    pseudo-observations, and projected onto rank ``rank`` plus diagonal if it is set."""
 
     def __init__(
         self,
@@ -216,10 +216,11 @@ class _MixtureEM(ExpectationMaximization):
         covs: Tensor,
         ridge: float,
         shrinkage: float = 0.0,
+        rank: int | None = None,
     ) -> None:
         super().__init__(obs, ridge)
         self.weights, self.means, self.covs = weights, means, covs
-        self.shrinkage = shrinkage
+        self.shrinkage, self.rank = shrinkage, rank
         self.target = (weights[:, None, None] * covs).sum(0)  # C_0, the pooled start
 
     def _e_step(self, statistics: bool) -> tuple[float, Any]:
@@ -269,10 +270,16 @@ class _MixtureEM(ExpectationMaximization):
         covs = (nk[:, None, None] * covs + self.shrinkage * self.target) / (
             nk[:, None, None] + self.shrinkage
         )
-        covs = torch.where(alive[:, None, None], 0.5 * (covs + covs.mT), self.covs)
+        covs = 0.5 * (covs + covs.mT)
         floor = self.ridge * covs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-        eye = torch.eye(d, dtype=covs.dtype, device=covs.device)
-        self.covs = covs + floor[:, None, None] * eye
+        if self.rank is None:
+            eye = torch.eye(d, dtype=covs.dtype, device=covs.device)
+            covs = covs + floor[:, None, None] * eye
+        else:  # each component projected onto F F^T + diag(d), as fit_gaussian's "exact"
+            for k in torch.nonzero(alive).flatten().tolist():
+                factor, diag = _project_low_rank(covs[k], self.rank, float(floor[k]))
+                covs[k] = factor @ factor.mT + torch.diag(diag)
+        self.covs = torch.where(alive[:, None, None], covs, self.covs)
 
     def _prior(self, dtype: torch.dtype) -> GaussianMixturePrior:
         return GaussianMixturePrior(
@@ -447,6 +454,7 @@ def fit_gaussian_mixture(
     init: GaussianMixturePrior | None = None,
     ridge: float = 1e-6,
     shrinkage: float = 0.0,
+    rank: int | None = None,
     tol: float = 0.0,
     device: Any = None,
     dtype: torch.dtype = torch.float32,
@@ -485,6 +493,11 @@ def fit_gaussian_mixture(
         covariances to the start's. For few observed entries per sample (e.g. 16 of 64), a
         value of the order of the samples per component regularises the ill-posed full
         covariances.
+    rank : int or None, default=None
+        If set, every M-step projects each component covariance onto :math:`F_k F_k^\top +
+        \operatorname{diag}(d_k)` with ``F_k`` of shape ``(D, rank)`` (principal-axis
+        factoring, as ``fit_gaussian(method="exact", rank=...)``; not monotone in general). The
+        covariances are still stored as dense ``(K, D, D)`` matrices.
     tol : float
         Stop early when the mean log-evidence improves by less than ``tol`` (with
         ``shrinkage``, ``history_`` holds the unpenalised mean log-evidence, which may fall).
@@ -502,9 +515,12 @@ def fit_gaussian_mixture(
     n_iter = check_int(n_iter, "n_iter", 0)
     ridge, tol = check_number(ridge, "ridge", 0.0), check_number(tol, "tol", 0.0)
     shrinkage = check_number(shrinkage, "shrinkage", 0.0)
+    rank = check_int(rank, "rank", 1, allow_none=True)
     dev = _device(device, init)
     obs = ObservationSet(Y, operator, None, dev)
     d = obs.d
+    if rank is not None and rank > d:
+        raise ValueError(f"rank must be at most n_features = {d}, got {rank}.")
     if init is not None:
         if not isinstance(init, GaussianMixturePrior) or init.n_features != d:
             raise ValueError(f"init must be a GaussianMixturePrior with n_features = {d}.")
@@ -525,5 +541,6 @@ def fit_gaussian_mixture(
         means = torch.as_tensor(centres, dtype=torch.float64, device=dev)
         weights = torch.full((k_comp,), 1.0 / k_comp, dtype=torch.float64, device=dev)
         covs = gauss.covariance.expand(k_comp, -1, -1).clone()
-    prior = _MixtureEM(obs, weights, means, covs, ridge, shrinkage).fit(n_iter, tol, dtype)
+    em = _MixtureEM(obs, weights, means, covs, ridge, shrinkage, rank)
+    prior = em.fit(n_iter, tol, dtype)
     return (prior, prior.history_) if return_history else prior
