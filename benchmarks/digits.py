@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--init-shrinkage", type=float, default=0.0, help="the mixture start's shrinkage"
     )
     p.add_argument("--gaussian-iter", type=int, default=16, help="closed-form EM iterations")
+    p.add_argument(
+        "--gaussian-rank",
+        type=int,
+        default=None,
+        help="rank (plus diagonal) of the start's covariances (default: full)",
+    )
     p.add_argument("--ablate", choices=sorted(ABLATIONS), default="none")
     p.add_argument(
         "--ceiling",
@@ -172,6 +178,7 @@ def make_estimator(args: argparse.Namespace, device: str) -> Any:
         init_components=args.init_components,
         init_shrinkage=args.init_shrinkage,
         gaussian_iter=args.gaussian_iter,
+        gaussian_rank=args.gaussian_rank,
         n_iter=args.n_iter,
         tol=None,  # the benchmark runs every iteration
         device=device,
@@ -282,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{start.gaussian_iter} closed-form EM iterations; exact posterior mean"
             if components == 1
             else f"{components} components, {4 * start.gaussian_iter} iterations, shrinkage "
-            f"{start.init_shrinkage:g}; exact posterior mean",
+            f"{start.init_shrinkage:g}, rank {start.gaussian_rank or 'full'}; exact posterior "
+            "mean",
         )
 
     # ---- EM
@@ -437,7 +445,8 @@ def write_report(
     if args.init_components > 1:
         start = (
             f"a {args.init_components}-component mixture ({4 * args.gaussian_iter} extreme-"
-            f"deconvolution iterations, shrinkage {args.init_shrinkage:g})"
+            f"deconvolution iterations, shrinkage {args.init_shrinkage:g}, rank "
+            f"{args.gaussian_rank or 'full'})"
         )
     net = make_estimator(args, device).denoiser
     channels = net.get_params(deep=False).get("module__channels", "")

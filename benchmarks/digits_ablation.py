@@ -105,7 +105,8 @@ def _run(
     errors_path = saved.with_suffix(".npz")
     if saved.exists() and errors_path.exists():
         with np.load(errors_path) as data:
-            return {**json.loads(saved.read_text()), "errors": dict(data)}
+            return {**json.loads(saved.read_text()), "errors": dict(data), "loaded": True}
+    tic = time.perf_counter()
     run = digits.main(
         [
             *passed,
@@ -135,6 +136,7 @@ def _run(
         "log_evidence": kept["log evidence"],
         "log_evidence_se": kept["± se"],
         "em_cpu": run["em_cpu"],
+        "wall_s": time.perf_counter() - tic,
     }
     saved.write_text(json.dumps(summary))
     return {**summary, "errors": errors}
@@ -182,7 +184,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "# Ablation of the EM recipe, digits (reduced configuration)",
         "",
         *machine_header(torch.device(device)),
-        f"- wall time: {time.perf_counter() - t_all:.0f} s for {len(runs)} runs",
+        f"- wall time: {time.perf_counter() - t_all:.0f} s for the "
+        f"{sum(not r.get('loaded') for r in runs.values())} runs of this call; "
+        f"{sum(bool(r.get('loaded')) for r in runs.values())} runs loaded from the `--runs-out` "
+        "of an earlier call with the same options",
         f"- each run: `digits.py {' '.join(passed)} --ablate <run> --no-ceiling "
         f"--no-baselines`: {opts.n_iter} EM iterations, {opts.epochs} epochs per M-step, "
         f"{opts.e_step_samples} posterior samples per observation (MMPS, {opts.steps} steps, "

@@ -8,8 +8,9 @@ log-evidence (exact) and the fit time:
 * the Gaussian (full covariance, ``fit_gaussian``), the start of ``DiffusionPriorEM``, after
   several numbers of EM iterations;
 * low-rank-plus-diagonal Gaussians (factor-analysis EM, ``method="factor"``);
-* Gaussian mixtures by extreme deconvolution (``fit_gaussian_mixture``) with full covariances,
-  plain and shrunk towards the Gaussian start (``shrinkage``).
+* Gaussian mixtures by extreme deconvolution (``fit_gaussian_mixture``), plain, shrunk
+  towards the Gaussian start (``shrinkage``), and with low-rank-plus-diagonal components
+  (``rank``).
 
 Writes ``digits_start{tag}.md`` to ``--out``::
 
@@ -45,7 +46,8 @@ CONFIGS: list[tuple[str, int, int | None, int, float]] = [
     ("mixture", 8, None, 16, 0.0),
     ("mixture", 8, None, 16, 30.0),
     ("mixture", 8, None, 16, 100.0),
-    ("mixture", 8, None, 64, 100.0),
+    ("mixture", 8, 8, 16, 0.0),
+    ("mixture", 8, 8, 16, 100.0),
     ("mixture", 16, None, 16, 100.0),
 ]
 
@@ -67,7 +69,7 @@ def fit(kind: str, components: int, rank: int | None, n_iter: int, shrinkage: fl
 
     if kind == "mixture":
         return fit_gaussian_mixture(
-            Y, op, components, n_iter=n_iter, shrinkage=shrinkage, random_state=0
+            Y, op, components, n_iter=n_iter, shrinkage=shrinkage, rank=rank, random_state=0
         )
     return fit_gaussian(Y, op, n_iter=n_iter, rank=rank, method="exact" if rank is None else kind)
 
