@@ -6,6 +6,7 @@ Every statistical check uses a fixed seed and a tolerance derived from its own s
 
 from __future__ import annotations
 
+import functools
 import math
 import pickle
 
@@ -16,6 +17,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from diffem.operators import Dense, Identity, Mask
 from diffem.priors import GaussianMixturePrior, GaussianPrior, fit_gaussian, fit_gaussian_mixture
+from diffem.priors._common import ObservationSet
+from diffem.priors.em import _MixtureEM
 
 F64 = torch.float64
 SIGMAS = [1e-3, 1e-1, 1.0, 10.0, 1e2]
@@ -526,6 +529,96 @@ def test_fit_gaussian_mixture_recovers_two_components():
     variances = fitted.cov_matrices[order].diagonal(dim1=-2, dim2=-1)
     assert ((variances - 0.25).abs() < 0.15).all()
     assert history[-1] >= float(truth.log_evidence(y, op).mean()) - 0.05
+
+
+def _masked_two_clusters(n: int = 400, d: int = 6, seed: int = 40):
+    gen = torch.Generator().manual_seed(seed)
+    truth = GaussianMixturePrior(
+        [0.4, 0.6],
+        torch.stack([torch.full((d,), 2.0), torch.full((d,), -2.0)]).to(F64),
+        torch.full((2,), 0.5, dtype=F64),
+    )
+    x = torch.as_tensor(truth.sample(n, generator=seed + 1))
+    op = Mask(torch.rand(n, d, generator=gen) < 0.5, noise_std=0.1)
+    return observe(op, x, gen), op
+
+
+def test_fit_gaussian_mixture_shrinkage_m_step_is_closed_form():
+    """With one component the responsibilities are 1, so the shrunk update is the plain one
+    pulled towards the start: C' = (n C_plain + nu C_0) / (n + nu), exactly."""
+    y, op = _masked_two_clusters()
+    n, d = y.shape
+    gen = torch.Generator().manual_seed(42)
+    a = torch.randn(d, d, generator=gen, dtype=F64)
+    start = GaussianMixturePrior(
+        [1.0], torch.zeros(1, d, dtype=F64), (a @ a.T / d + torch.eye(d, dtype=F64))[None]
+    )
+    fit = functools.partial(
+        fit_gaussian_mixture, y, op, 1, n_iter=1, init=start, ridge=0.0, dtype=F64
+    )
+    plain, nu = fit(), 50.0
+    shrunk = fit(shrinkage=nu)
+    expected = (n * plain.cov_matrices + nu * start.cov_matrices) / (n + nu)
+    torch.testing.assert_close(shrunk.cov_matrices, expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(shrunk.means, plain.means, rtol=1e-12, atol=1e-12)
+    tied = fit(shrinkage=1e12)
+    torch.testing.assert_close(tied.cov_matrices, start.cov_matrices, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="shrinkage"):
+        fit(shrinkage=-1.0)
+
+
+def test_fit_gaussian_mixture_rank_one_component_is_the_projected_gaussian_em():
+    """With one component and ``rank``, the mixture's M-step is fit_gaussian's "exact" one with
+    the same rank (full update, then principal-axis factoring): same prior, same history."""
+    y, op = _masked_two_clusters()
+    d, rank = y.shape[1], 2
+    gen = torch.Generator().manual_seed(43)
+    factor = torch.randn(d, rank, generator=gen, dtype=F64)
+    diag = torch.rand(d, generator=gen, dtype=F64) + 0.5
+    gauss = GaussianPrior.low_rank(torch.zeros(d, dtype=F64), factor, diag)
+    start = GaussianMixturePrior([1.0], gauss.mean[None], gauss.cov_matrix[None])
+    kw = {"n_iter": 4, "rank": rank, "dtype": F64}
+    mixture = fit_gaussian_mixture(y, op, 1, init=start, **kw)
+    expected = fit_gaussian(y, op, init=gauss, method="exact", **kw)
+    torch.testing.assert_close(mixture.cov_matrices[0], expected.cov_matrix, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(mixture.means[0], expected.mean, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(mixture.history_, expected.history_, rtol=1e-10)
+    assert expected.rank == rank  # so the mixture's component is rank r plus a diagonal
+    with pytest.raises(ValueError, match="rank"):
+        fit_gaussian_mixture(y, op, 1, rank=d + 1)
+
+
+def test_fit_gaussian_mixture_shrinkage_never_lowers_the_penalised_evidence():
+    r"""Shrinkage is a MAP-EM: n * mean log-evidence - nu/2 sum_k (logdet C_k +
+    tr(C_k^{-1} C_0)) never decreases, step after step."""
+    y, op = _masked_two_clusters()
+    n = len(y)
+    nu = 30.0
+    prior = fit_gaussian_mixture(y, op, 2, n_iter=0, random_state=0, dtype=F64)
+    target = (prior.weights[:, None, None] * prior.cov_matrices).sum(0)
+
+    def objective(mixture, mean_log_evidence: float) -> float:
+        covs = mixture.cov_matrices
+        penalty = torch.logdet(covs) + torch.linalg.solve(covs, target.expand_as(covs)).diagonal(
+            dim1=-2, dim2=-1
+        ).sum(-1)
+        return n * mean_log_evidence - 0.5 * nu * float(penalty.sum())
+
+    em = _MixtureEM(
+        ObservationSet(y, op, None, torch.device("cpu")),
+        prior.weights,
+        prior.means,
+        prior.cov_matrices,
+        0.0,
+        nu,
+    )
+    torch.testing.assert_close(em.target, target)
+    values = [objective(prior, prior.history_[-1])]
+    for _ in range(6):
+        step = em.fit(1, 0.0, F64)  # continues from the last parameters
+        values.append(objective(step, step.history_[-1]))
+    assert (np.diff(values) >= -1e-8 * np.abs(values[:-1])).all(), values
+    assert values[-1] > values[0] + 1.0  # EM moved
 
 
 @pytest.mark.slow

@@ -158,6 +158,7 @@ class TestValidation:
             "first_epochs": 0,
             "tol": -0.1,
             "n_iter_no_change": 0,
+            "init_shrinkage": -1.0,
         }
         for name, value in cases.items():
             est = DiffusionPriorEM(**{name: value})  # construction never validates

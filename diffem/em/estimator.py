@@ -230,6 +230,10 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         paper; more is a Gaussian mixture fitted by extreme deconvolution
         (:func:`diffem.priors.fit_gaussian_mixture`, ``4 * gaussian_iter`` iterations), whose
         exact posterior gives the first E-step.
+    init_shrinkage : float, default=0.0
+        Pseudo-observations pulling that mixture's component covariances towards the
+        Gaussian's (``shrinkage`` of :func:`diffem.priors.fit_gaussian_mixture`): full
+        covariances are ill-posed when each observation sees few features.
     refine_init : bool, default=True
         Whether the network refines the analytic initialisation's exact denoiser (the
         denoiser's ``base``): :math:`D_\theta = D_0 + c_{\text{out}} F_\theta` with
@@ -239,7 +243,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         Iterations of the closed-form Gaussian EM of the initialisation.
     gaussian_rank : int or None, default=None
         Rank of the Gaussian initialisation's covariance (PPCA-style low rank plus diagonal),
-        for large dimensions; ``None`` is a full covariance.
+        for large dimensions, and of each component's with ``init_components > 1``; ``None`` is
+        a full covariance.
     n_transform_samples : int, default=16
         Posterior samples averaged by :meth:`transform` for a diffusion prior.
     n_score_samples : int, default=16
@@ -375,6 +380,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         n_iter_no_change: int | None = 4,
         keep_best: bool = True,
         init_components: int = 1,
+        init_shrinkage: float = 0.0,
         refine_init: bool = True,
         gaussian_iter: int = 16,
         gaussian_rank: int | None = None,
@@ -405,6 +411,7 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.keep_best = keep_best
         self.init_components = init_components
+        self.init_shrinkage = init_shrinkage
         self.refine_init = refine_init
         self.gaussian_iter = gaussian_iter
         self.gaussian_rank = gaussian_rank
@@ -598,6 +605,8 @@ class DiffusionPriorEM(TransformerMixin, BaseEstimator):
                 op,
                 int(self.init_components),
                 n_iter=4 * int(self.gaussian_iter),
+                shrinkage=float(self.init_shrinkage),
+                rank=self.gaussian_rank,
                 random_state=_sub_seed(base_seed, 0, 4),
                 device=device,
             ).to("cpu")

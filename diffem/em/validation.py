@@ -201,6 +201,7 @@ def check_params(estimator: Any) -> None:
     _check_int(estimator.first_epochs, "first_epochs", 1, allow_none=True)
     _check_int(estimator.n_iter_no_change, "n_iter_no_change", 1, allow_none=True)
     _check_int(estimator.init_components, "init_components", 1)
+    check_number(estimator.init_shrinkage, "init_shrinkage", 0.0)
     for name in ("reset_optimizer", "keep_best", "refine_init"):
         if not isinstance(getattr(estimator, name), (bool, np.bool_)):
             raise ValueError(f"{name} must be a bool, got {getattr(estimator, name)!r}.")

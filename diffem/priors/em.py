@@ -35,7 +35,20 @@ observations", Ann. Appl. Stat.) alternates responsibilities
     {\sum_i q_{ik}},
 
 with :math:`b_{ik}, B_{ik}` the mean and covariance of :math:`x_i` given :math:`y_i` and
-component :math:`k`.
+component :math:`k`. When each observation sees few of the ``D`` features, these full
+covariances are poorly determined (ill-posed for :math:`D = 64` and 16 observed entries);
+``shrinkage`` :math:`\nu > 0` maximises instead the log-evidence penalised by
+:math:`-\frac\nu2 \sum_k (\log\det C_k + \operatorname{tr}(C_k^{-1} C_0))` (an
+inverse-Wishart prior with scale :math:`\nu C_0`, a MAP-EM; Fraley & Raftery, 2007,
+"Bayesian regularization for normal mixture estimation and model-based clustering", J.
+Classif.), whose M-step is
+
+.. math::
+    C_k' = \frac{n_k S_k + \nu C_0}{n_k + \nu}, \qquad n_k = \sum_i q_{ik},
+
+with :math:`S_k` the unpenalised update above: :math:`\nu` pseudo-observations pull every
+component towards the target :math:`C_0`, the pooled covariance :math:`\sum_k w_k C_k` of the
+starting mixture, and the penalised objective never decreases.
 
 Everything is accumulated chunk by chunk over the observations (memory independent of ``n``) in
 float64.
@@ -191,13 +204,24 @@ class _GaussianEM(ExpectationMaximization):
 
 
 class _MixtureEM(ExpectationMaximization):
-    """Extreme deconvolution: ``weights (K,)``, ``means (K, D)`` and full ``covs (K, D, D)``."""
+    """Extreme deconvolution: ``weights (K,)``, ``means (K, D)`` and full ``covs (K, D, D)``,
+    with the covariances shrunk towards the pooled start ``target (D, D)`` by ``shrinkage``
+    pseudo-observations, and projected onto rank ``rank`` plus diagonal if it is set."""
 
     def __init__(
-        self, obs: ObservationSet, weights: Tensor, means: Tensor, covs: Tensor, ridge: float
+        self,
+        obs: ObservationSet,
+        weights: Tensor,
+        means: Tensor,
+        covs: Tensor,
+        ridge: float,
+        shrinkage: float = 0.0,
+        rank: int | None = None,
     ) -> None:
         super().__init__(obs, ridge)
         self.weights, self.means, self.covs = weights, means, covs
+        self.shrinkage, self.rank = shrinkage, rank
+        self.target = (weights[:, None, None] * covs).sum(0)  # C_0, the pooled start
 
     def _e_step(self, statistics: bool) -> tuple[float, Any]:
         k_comp, d = self.means.shape
@@ -243,10 +267,19 @@ class _MixtureEM(ExpectationMaximization):
             + sum_qbb / nk[:, None, None]
             - delta.unsqueeze(-1) * delta.unsqueeze(-2)
         )
-        covs = torch.where(alive[:, None, None], 0.5 * (covs + covs.mT), self.covs)
+        covs = (nk[:, None, None] * covs + self.shrinkage * self.target) / (
+            nk[:, None, None] + self.shrinkage
+        )
+        covs = 0.5 * (covs + covs.mT)
         floor = self.ridge * covs.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
-        eye = torch.eye(d, dtype=covs.dtype, device=covs.device)
-        self.covs = covs + floor[:, None, None] * eye
+        if self.rank is None:
+            eye = torch.eye(d, dtype=covs.dtype, device=covs.device)
+            covs = covs + floor[:, None, None] * eye
+        else:  # each component projected onto F F^T + diag(d), as fit_gaussian's "exact"
+            for k in torch.nonzero(alive).flatten().tolist():
+                factor, diag = _project_low_rank(covs[k], self.rank, float(floor[k]))
+                covs[k] = factor @ factor.mT + torch.diag(diag)
+        self.covs = torch.where(alive[:, None, None], covs, self.covs)
 
     def _prior(self, dtype: torch.dtype) -> GaussianMixturePrior:
         return GaussianMixturePrior(
@@ -420,6 +453,8 @@ def fit_gaussian_mixture(
     *,
     init: GaussianMixturePrior | None = None,
     ridge: float = 1e-6,
+    shrinkage: float = 0.0,
+    rank: int | None = None,
     tol: float = 0.0,
     device: Any = None,
     dtype: torch.dtype = torch.float32,
@@ -450,8 +485,22 @@ def fit_gaussian_mixture(
     ridge : float
         Relative ridge :math:`\text{ridge} \cdot \operatorname{tr}(C) / D` added to every
         component covariance (prevents collapse).
+    shrinkage : float, default=0.0
+        Pseudo-observations :math:`\nu` pulling every component covariance towards the pooled
+        covariance of the start, :math:`\sum_k w_k C_k` (by default the Gaussian's): the
+        M-step :math:`C_k' = (n_k S_k + \nu C_0) / (n_k + \nu)` of the penalised EM of the
+        module docstring. ``0`` is plain extreme deconvolution; large values tie the
+        covariances to the start's. For few observed entries per sample (e.g. 16 of 64), a
+        value of the order of the samples per component regularises the ill-posed full
+        covariances.
+    rank : int or None, default=None
+        If set, every M-step projects each component covariance onto :math:`F_k F_k^\top +
+        \operatorname{diag}(d_k)` with ``F_k`` of shape ``(D, rank)`` (principal-axis
+        factoring, as ``fit_gaussian(method="exact", rank=...)``; not monotone in general). The
+        covariances are still stored as dense ``(K, D, D)`` matrices.
     tol : float
-        Stop early when the mean log-evidence improves by less than ``tol``.
+        Stop early when the mean log-evidence improves by less than ``tol`` (with
+        ``shrinkage``, ``history_`` holds the unpenalised mean log-evidence, which may fall).
     device, dtype, return_history, generator
         As in :func:`fit_gaussian`.
 
@@ -465,9 +514,13 @@ def fit_gaussian_mixture(
     k_comp = check_int(n_components, "n_components", 1)
     n_iter = check_int(n_iter, "n_iter", 0)
     ridge, tol = check_number(ridge, "ridge", 0.0), check_number(tol, "tol", 0.0)
+    shrinkage = check_number(shrinkage, "shrinkage", 0.0)
+    rank = check_int(rank, "rank", 1, allow_none=True)
     dev = _device(device, init)
     obs = ObservationSet(Y, operator, None, dev)
     d = obs.d
+    if rank is not None and rank > d:
+        raise ValueError(f"rank must be at most n_features = {d}, got {rank}.")
     if init is not None:
         if not isinstance(init, GaussianMixturePrior) or init.n_features != d:
             raise ValueError(f"init must be a GaussianMixturePrior with n_features = {d}.")
@@ -488,5 +541,6 @@ def fit_gaussian_mixture(
         means = torch.as_tensor(centres, dtype=torch.float64, device=dev)
         weights = torch.full((k_comp,), 1.0 / k_comp, dtype=torch.float64, device=dev)
         covs = gauss.covariance.expand(k_comp, -1, -1).clone()
-    prior = _MixtureEM(obs, weights, means, covs, ridge).fit(n_iter, tol, dtype)
+    em = _MixtureEM(obs, weights, means, covs, ridge, shrinkage, rank)
+    prior = em.fit(n_iter, tol, dtype)
     return (prior, prior.history_) if return_history else prior
