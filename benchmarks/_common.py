@@ -4,6 +4,7 @@ header, tables; re-exported here with the device helper): where results go, and 
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,16 @@ __all__ = [
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """The command line (``sys.argv[1:]`` when ``argv`` is None) cut at ``--``: the script's
+    own arguments, and those it passes on to the benchmark it runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
 
 
 def publish(lines: list[str], out: Path | None) -> None:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import digits
-from _common import machine_header, resolve_device
+from _common import machine_header, resolve_device, split_passthrough
 
 from diffem._report import format_table
 
@@ -43,11 +43,7 @@ DEFAULT_RUNS = ["none", "refine", "samples", "ema", "reset", "lognormal", "unet"
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passed: list[str] = []
-    if "--" in argv:
-        cut = argv.index("--")
-        argv, passed = argv[:cut], argv[cut + 1 :]
+    argv, passed = split_passthrough(argv)
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
