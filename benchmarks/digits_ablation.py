@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import digits
-from _common import machine_header, resolve_device, split_passthrough
+from _common import machine_header, publish, resolve_device, split_passthrough
 
 from diffem._report import format_table
 
@@ -77,8 +77,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def image_errors(estimate: np.ndarray, truth: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """Summed squared error on the missing pixels of each image ``(n,)``, of the estimate
     clipped to [-1, 1] as in ``digits.psnr_missing``."""
-    est = np.clip(np.asarray(estimate, dtype=np.float64), -1.0, 1.0)
-    return (((est - truth) ** 2) * missing).sum(-1)
+    return (((digits.clipped(estimate) - truth) ** 2) * missing).sum(-1)
 
 
 def psnr_difference(errors: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
@@ -203,11 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         format_table(rows),
         "",
     ]
-    path = Path(args.out) / f"digits_ablation{args.tag}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    publish(lines, Path(args.out) / f"digits_ablation{args.tag}.md")
     return rows
 
 

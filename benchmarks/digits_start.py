@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import digits
-from _common import machine_header
+from _common import machine_header, publish
 
 from diffem._report import format_table
 
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         format_table(rows),
         "",
     ]
-    path = Path(args.out) / f"digits_start{args.tag}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print(f"wrote {path}")
+    publish(lines, Path(args.out) / f"digits_start{args.tag}.md")
     return rows
 
 

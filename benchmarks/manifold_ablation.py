@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import manifold
-from _common import machine_header, resolve_device, split_passthrough
+from _common import machine_header, publish, resolve_device, split_passthrough
 
 from diffem._report import format_table
 
@@ -144,11 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         format_table(rows, columns),
         "",
     ]
-    path = Path(args.out) / f"manifold_ablation{args.tag}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path}")
+    publish(lines, Path(args.out) / f"manifold_ablation{args.tag}.md")
     return rows
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import manifold
-from _common import machine_header
+from _common import machine_header, publish
 
 from diffem._report import format_table
 
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         format_table(learned),
         "",
     ]
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"manifold_spread{opts.tag}.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    publish(lines, Path(opts.out) / f"manifold_spread{opts.tag}.md")
 
 
 if __name__ == "__main__":
